@@ -1,0 +1,123 @@
+"""The TAME training objective (DESIGN.md §1, "Training objective").
+
+Axes: B is the global batch, b the local (per-device) batch, S the attention-map size, K the
+number of classes. The attention maps of the batch's label list are kept as (b, S, S, B):
+entry [i, :, :, j] is the map of local image i for the class L[j] (L = global label list).
+DESIGN's M (B, B, S, S) is this array gathered over devices and transposed; every sum below is
+the same sum over all of M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from tame_jax.image_ops import resize_bilinear
+
+CE_COEF, AREA_COEF, VAR_COEF = 1.5, 2.0, 0.01
+AREA_EPS, AREA_POWER, BORDER_COEF = 0.0005, 0.3, 0.3
+
+
+def mask_images(x: jax.Array, own_maps: jax.Array) -> jax.Array:
+    """Returns x (B, H, W, 3) in [0, 1] multiplied by own_maps (B, S, S) upsampled to (H, W).
+
+    The upsampling is bilinear with half-pixel centres (PyTorch align_corners=False).
+    """
+    _, h, w, _ = x.shape
+    up = resize_bilinear(own_maps[..., None].astype(x.dtype), (h, w))  # (B, H, W, 1)
+    return x * up
+
+
+def area_sum(maps: jax.Array) -> jax.Array:
+    """Returns the float32 sum of (M + 0.0005)^0.3 over all elements of maps (unnormalised)."""
+    maps = maps.astype(jnp.float32)
+    return jnp.sum((maps + AREA_EPS) ** AREA_POWER)
+
+
+def variation_sum(maps: jax.Array) -> jax.Array:
+    """Returns the float32 total-variation-plus-border sum of maps (..., S, S), unnormalised.
+
+    Σ (M[.., i+1, j] - M[.., i, j])² + Σ (M[.., i, j+1] - M[.., i, j])²
+    + 0.3 · (Σ M[.., 0, :]² + Σ M[.., -1, :]² + Σ M[.., :, 0]² + Σ M[.., :, -1]²):
+    the four border lines are summed separately, so each corner counts twice.
+    """
+    m = maps.astype(jnp.float32)
+    tv = jnp.sum(jnp.square(m[..., 1:, :] - m[..., :-1, :]))
+    tv = tv + jnp.sum(jnp.square(m[..., :, 1:] - m[..., :, :-1]))
+    sq = jnp.square(m)
+    border = (
+        jnp.sum(sq[..., 0, :])
+        + jnp.sum(sq[..., -1, :])
+        + jnp.sum(sq[..., :, 0])
+        + jnp.sum(sq[..., :, -1])
+    )
+    return tv + BORDER_COEF * border
+
+
+def tame_objective(
+    x: jax.Array,
+    attention_maps: jax.Array,
+    labels: jax.Array,
+    offset: int | jax.Array,
+    classify: Callable[[jax.Array], jax.Array],
+    axis_name: str | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns (total loss, {'loss', 'ce', 'area', 'variation', 'agreement'}) of the global batch.
+
+    x: (b, H, W, 3) local images in [0, 1].
+    attention_maps: (b, S, S, B) sigmoid attention maps; [i, :, :, j] is local image i's map
+      for class labels[j].
+    labels: (B,) int, the global model-truth label list L in batch order (duplicates kept).
+    offset: global index of the first local image (Python int or traced scalar); the own map
+      of local image i is attention_maps[i, :, :, offset + i] and its label labels[offset + i].
+    classify: maps masked images (b, H, W, 3) in [0, 1] to logits (b, K); it normalises itself.
+    axis_name: inside shard_map, the batch mesh axis; the sums are psum'ed over it so that all
+      returned values are global-batch values, identical on every device.
+
+    ce = Σ_b CE / B, area = Σ (M + 0.0005)^0.3 / (B·B·S·S), variation = variation_sum(M) / (2B),
+    loss = 1.5 ce + 2 area + 0.01 variation, agreement = fraction of images whose masked-image
+    argmax equals its label.
+    """
+    b, s1, s2, n_maps = attention_maps.shape
+    big_b = labels.shape[0]
+    if n_maps != big_b:
+        raise ValueError(
+            f"attention_maps has {n_maps} class maps per image but labels has {big_b} entries; "
+            "pass the maps of the global label list, (b, S, S, B)."
+        )
+    if x.shape[0] != b:
+        raise ValueError(f"x has {x.shape[0]} images but attention_maps has {b}.")
+    if axis_name is None and b != big_b:
+        raise ValueError(
+            f"Local batch {b} != global batch {big_b} without axis_name; pass the mesh axis "
+            "name when calling inside shard_map."
+        )
+    maps = attention_maps.astype(jnp.float32)
+    idx = offset + jnp.arange(b)  # (b,) global indices of the local images
+    own = maps[jnp.arange(b), :, :, idx]  # (b, S, S)
+    own_labels = jnp.take(labels, idx, axis=0)  # (b,)
+
+    logits = classify(mask_images(x, own)).astype(jnp.float32)  # (b, K)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce_sum = -jnp.sum(jnp.take_along_axis(logp, own_labels[:, None], axis=-1))
+    agree = jnp.sum((jnp.argmax(logits, axis=-1) == own_labels).astype(jnp.float32))
+    area = area_sum(maps)
+    var = variation_sum(jnp.moveaxis(maps, -1, 1))  # (b, B, S, S)
+
+    sums = (ce_sum, area, var, agree)
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    ce_sum, area, var, agree = sums
+    ce = ce_sum / big_b
+    area = area / (big_b * big_b * s1 * s2)
+    var = var / (2 * big_b)
+    loss = CE_COEF * ce + AREA_COEF * area + VAR_COEF * var
+    return loss, {
+        "loss": loss,
+        "ce": ce,
+        "area": area,
+        "variation": var,
+        "agreement": agree / big_b,
+    }

@@ -1,0 +1,214 @@
+"""Tests of the TAME attention module against independent numpy / torch references."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tame_jax.attention import VARIANTS, TAMEAttention
+from tame_jax.image_ops import resize_bilinear
+
+SIZES = (8, 4, 2)
+CHANNELS = (3, 5, 4)
+K = 7
+
+
+def np_resize_torch(x: np.ndarray, out: int) -> np.ndarray:
+    """Returns x (B, h, w, C) resized to (B, out, out, C): torch bilinear, align_corners=False."""
+
+    def axis_weights(n_in: int, n_out: int) -> np.ndarray:
+        w = np.zeros((n_out, n_in))
+        scale = n_in / n_out
+        for o in range(n_out):
+            src = max((o + 0.5) * scale - 0.5, 0.0)
+            i0 = int(np.floor(src))
+            i1 = min(i0 + 1, n_in - 1)
+            lam = src - i0
+            w[o, i0] += 1.0 - lam
+            w[o, i1] += lam
+        return w
+
+    wh = axis_weights(x.shape[1], out)
+    ww = axis_weights(x.shape[2], out)
+    res = np.zeros((x.shape[0], out, out, x.shape[3]))
+    for b in range(x.shape[0]):
+        for c in range(x.shape[3]):
+            res[b, :, :, c] = wh @ x[b, :, :, c] @ ww.T
+    return res
+
+
+def make_features(key: jax.Array, batch: int = 2, sizes=SIZES, channels=CHANNELS) -> list:
+    """Returns random non-negative feature maps (B, h, h, C), like post-ReLU backbone features."""
+    keys = jax.random.split(key, len(sizes))
+    return [
+        jax.nn.relu(jax.random.normal(k, (batch, s, s, c)))
+        for k, s, c in zip(keys, sizes, channels, strict=True)
+    ]
+
+
+def randomise(variables: dict, key: jax.Array) -> dict:
+    """Returns variables with every leaf replaced by random values (variances positive)."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(variables)
+    keys = jax.random.split(key, len(leaves))
+    new = []
+    for (path, leaf), k in zip(leaves, keys, strict=True):
+        v = jax.random.normal(k, leaf.shape, leaf.dtype) * 0.5
+        if "var" in jax.tree_util.keystr(path):
+            v = jnp.abs(v) + 0.5
+        new.append(v)
+    return jax.tree_util.tree_unflatten(tree, new)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_selective_fusion_equals_full_then_gather(variant):
+    feats = make_features(jax.random.key(0))
+    model = TAMEAttention(num_classes=K, variant=variant)
+    variables = randomise(model.init(jax.random.key(1), feats), jax.random.key(2))
+    classes = jnp.array([3, 0, 3, 6, 6])  # duplicates kept
+    full = model.apply(variables, feats)
+    sel = model.apply(variables, feats, classes)
+    s = 2 if variant == "lcam_img" else 8
+    chex.assert_shape(full, (2, s, s, K))
+    chex.assert_shape(sel, (2, s, s, 5))
+    np.testing.assert_allclose(sel, full[..., classes], atol=1e-6, rtol=0)
+
+
+def test_output_shapes_and_cap():
+    feats = make_features(jax.random.key(0))
+    out = TAMEAttention(num_classes=K).init_with_output(jax.random.key(1), feats)[0]
+    chex.assert_shape(out, (2, 8, 8, K))
+    chex.assert_type(out, jnp.float32)
+    # first map 8 > max_size 4: the largest branch is downsampled, the smallest upsampled
+    capped = TAMEAttention(num_classes=K, max_size=4)
+    out, variables = capped.init_with_output(jax.random.key(1), feats, jnp.array([1, 2]))
+    chex.assert_shape(out, (2, 4, 4, 2))
+    params = variables["params"]
+    chex.assert_shape(params["fuser"]["kernel"], (1, 1, sum(CHANNELS), K))
+    chex.assert_shape(params["fuser"]["bias"], (K,))
+    chex.assert_shape(params["convs_1"]["kernel"], (1, 1, 5, 5))
+    assert set(variables["batch_stats"]) == {"bns_0", "bns_1", "bns_2"}
+
+
+def test_variant_param_shapes():
+    feats = make_features(jax.random.key(0))
+    p = TAMEAttention(K, "noskip").init(jax.random.key(1), feats)["params"]
+    chex.assert_shape(p["convs_0"]["kernel"], (1, 1, 3, K))
+    chex.assert_shape(p["fuser"]["kernel"], (1, 1, 3 * K, K))
+    v = TAMEAttention(K, "noskip_nobn").init(jax.random.key(1), feats)
+    assert "batch_stats" not in v and set(v["params"]) == {"convs_0", "convs_1", "convs_2", "fuser"}
+    v = TAMEAttention(K, "lcam_img").init(jax.random.key(1), feats)
+    assert set(v["params"]) == {"fuser"}
+    chex.assert_shape(v["params"]["fuser"]["kernel"], (1, 1, 4, K))
+
+
+def test_unknown_variant_lists_choices():
+    with pytest.raises(ValueError, match="noskip_nobn"):
+        TAMEAttention(K, "tame2").init(jax.random.key(0), make_features(jax.random.key(0)))
+
+
+def np_branch_forward(feats, variables, variant, size, train=False):
+    """Returns the numpy TAME forward (B, S, S, K) and batch means/vars of the BN inputs."""
+    p = jax.tree.map(np.asarray, variables["params"])
+    stats = jax.tree.map(np.asarray, variables.get("batch_stats", {}))
+    branches, batch_moments = [], []
+    for i, f in enumerate(feats):
+        f = np.asarray(f, np.float64)
+        bsz, h, w, c = f.shape
+        y = f.reshape(-1, c) @ p[f"convs_{i}"]["kernel"][0, 0] + p[f"convs_{i}"]["bias"]
+        if variant != "noskip_nobn":
+            if train:
+                mean, var = y.mean(0), y.var(0)
+                batch_moments.append((mean, var))
+            else:
+                mean, var = stats[f"bns_{i}"]["mean"], stats[f"bns_{i}"]["var"]
+            bn = p[f"bns_{i}"]
+            y = (y - mean) / np.sqrt(var + 1e-5) * bn["scale"] + bn["bias"]
+        y = y.reshape(bsz, h, w, -1)
+        if variant in ("tame", "sigmoid_branch"):
+            y = y + f
+        y = 1 / (1 + np.exp(-y)) if variant == "sigmoid_branch" else np.maximum(y, 0)
+        branches.append(np_resize_torch(y, size))
+    z = np.concatenate(branches, -1)
+    out = z @ p["fuser"]["kernel"][0, 0] + p["fuser"]["bias"]
+    return out, batch_moments
+
+
+@pytest.mark.parametrize("variant", ["tame", "sigmoid_branch", "noskip", "noskip_nobn"])
+def test_forward_matches_numpy_by_hand(variant):
+    feats = make_features(jax.random.key(3))
+    model = TAMEAttention(num_classes=K, variant=variant, max_size=6)  # 8 -> 6, 4 -> 6, 2 -> 6
+    variables = randomise(model.init(jax.random.key(1), feats), jax.random.key(4))
+    want, _ = np_branch_forward(feats, variables, variant, 6)
+    got = model.apply(variables, feats)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lcam_img_matches_numpy():
+    feats = make_features(jax.random.key(3))
+    model = TAMEAttention(num_classes=K, variant="lcam_img")
+    variables = randomise(model.init(jax.random.key(1), feats), jax.random.key(4))
+    p = variables["params"]["fuser"]
+    want = np.asarray(feats[-1]) @ np.asarray(p["kernel"][0, 0]) + np.asarray(p["bias"])
+    np.testing.assert_allclose(model.apply(variables, feats), want, atol=1e-5, rtol=1e-5)
+
+
+def test_train_mode_batchnorm_uses_batch_stats_and_torch_momentum():
+    feats = make_features(jax.random.key(5), batch=3)
+    model = TAMEAttention(num_classes=K)
+    variables = randomise(model.init(jax.random.key(1), feats), jax.random.key(6))
+    got, upd = model.apply(variables, feats, train=True, mutable=["batch_stats"])
+    want, moments = np_branch_forward(feats, variables, "tame", 8, train=True)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    old = variables["batch_stats"]["bns_1"]
+    new = upd["batch_stats"]["bns_1"]
+    np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * moments[1][0], atol=1e-5)
+
+
+def test_batchnorm_axis_name_gives_global_batch_statistics():
+    feats = make_features(jax.random.key(5), batch=4)
+    model = TAMEAttention(num_classes=K)
+    variables = randomise(model.init(jax.random.key(1), feats), jax.random.key(6))
+    want = model.apply(variables, feats, jnp.array([2, 5]), train=True, mutable=["batch_stats"])
+    sharded = TAMEAttention(num_classes=K, axis_name="d")
+    split = [f.reshape(2, 2, *f.shape[1:]) for f in feats]  # two "devices" of 2 images
+    got = jax.vmap(
+        lambda fs: sharded.apply(variables, fs, jnp.array([2, 5]), train=True,
+                                 mutable=["batch_stats"]),
+        axis_name="d",
+    )(split)
+    np.testing.assert_allclose(got[0].reshape(want[0].shape), want[0], atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], got[1]), want[1], atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+    feats = make_features(jax.random.key(0))
+    model = TAMEAttention(num_classes=K, dtype=jnp.bfloat16)
+    out, variables = model.init_with_output(jax.random.key(1), feats)
+    chex.assert_type(out, jnp.float32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    ref = TAMEAttention(num_classes=K).apply(variables, feats)
+    np.testing.assert_allclose(out, ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("src,dst", [(8, 5), (8, 3), (2, 7), (3, 8), (7, 28), (28, 7)])
+def test_resize_bilinear_matches_numpy_torch_rule(src, dst):
+    x = np.random.default_rng(src * 100 + dst).normal(size=(2, src, src, 3))
+    got = resize_bilinear(jnp.asarray(x, jnp.float32), (dst, dst))
+    np.testing.assert_allclose(got, np_resize_torch(x, dst), atol=1e-5)
+
+
+def test_resize_bilinear_matches_torch_interpolate():
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    rng = np.random.default_rng(0)
+    for src, dst in [(8, 5), (2, 7), (7, 28), (28, 7), (14, 56)]:
+        x = rng.normal(size=(2, 3, src, src)).astype(np.float32)  # NCHW
+        want = f.interpolate(torch.from_numpy(x), size=(dst, dst), mode="bilinear",
+                             align_corners=False).numpy().transpose(0, 2, 3, 1)
+        got = resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), (dst, dst))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(np_resize_torch(x.transpose(0, 2, 3, 1), dst), want,
+                                   atol=1e-5)
