@@ -1,0 +1,1 @@
+"""Developer tools (fixture generation); not needed at run time."""

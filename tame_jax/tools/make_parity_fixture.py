@@ -1,0 +1,144 @@
+"""Writes the torchvision parity fixtures under tests/fixtures/ (needs torch + torchvision).
+
+    python -m tame_jax.tools.make_parity_fixture [--out tests/fixtures]
+
+Each architecture in `PARITY_CASES` is filled with deterministic pseudo-random weights from
+`parity_state_dict` (numpy only, so the test can regenerate them without torch), run by
+torchvision in float32 on two fixed inputs, and its logits plus a compact summary of the
+feature maps are saved to `parity_<arch>.npz`. Not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# arch -> (input size, layers summarised). Small inputs keep the fixture and the test fast;
+# VGG at 96 / 64 leaves 3x3 / 2x2 maps before AdaptiveAvgPool2d((7, 7)) (non-divisible case),
+# ResNet-50 at 160 has odd-sized maps (5x5 at layer4), which catches padding/stride errors.
+PARITY_CASES: dict[str, tuple[int, tuple[str, ...]]] = {
+    "resnet50": (160, ("maxpool", "layer1", "layer2", "layer3", "layer4")),
+    "resnet18": (64, ("layer1.1", "layer2", "layer3", "layer4")),
+    "vgg16": (96, ("features.4", "features.16", "features.23", "features.30", "avgpool")),
+    "vgg16_bn": (64, ("features.23", "features.33", "features.43")),
+}
+SEED = 0
+BATCH = 2
+SLICE_CHANNELS = 16
+
+
+def parity_state_dict(arch: str, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Returns a deterministic torchvision-layout float32 state dict for `arch` (torch-free).
+
+    Keys and shapes come from the Flax template (the fixture script checks them against
+    torchvision with strict loading). Each tensor has its own generator seeded by (seed, key).
+    Convs/linears are He-scaled so activations stay O(1) through 50 layers; BatchNorm has
+    non-trivial running statistics (mean != 0, var != 1, var > 0).
+    """
+    from tame_jax.backbones import build_backbone
+    from tame_jax.weights import _TV_LEAF_NAMES, _torch_shape, _tv_module
+
+    module = build_backbone(arch)
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    out: dict[str, np.ndarray] = {}
+    for collection in ("params", "batch_stats"):
+        for path, spec in jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]:
+            names = tuple(p.key for p in path)
+            key = f"{_tv_module(names[:-1])}.{_TV_LEAF_NAMES[(collection, names[-1])]}"
+            out[key] = _tensor(key, _torch_shape(names[-1], tuple(spec.shape)), seed)
+    for key in [k for k in out if k.endswith(".running_mean")]:
+        out[key.replace(".running_mean", ".num_batches_tracked")] = np.array(7, np.int64)
+    return dict(sorted(out.items()))
+
+
+def _tensor(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Returns the pseudo-random tensor of one state-dict entry."""
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    if key.endswith(".weight") and len(shape) >= 2:
+        fan_in = int(np.prod(shape[1:]))
+        last = key.startswith(("fc.", "classifier.6."))
+        w = rng.standard_normal(shape) * np.sqrt((1.0 if last else 2.0) / fan_in)
+    elif key.endswith("running_mean"):
+        w = 0.2 * rng.standard_normal(shape)
+    elif key.endswith("running_var"):
+        w = rng.uniform(0.5, 2.0, shape)
+    elif key.endswith(".weight"):  # BatchNorm scale
+        w = rng.uniform(0.5, 1.2, shape)
+    else:  # biases (conv, linear, BatchNorm shift)
+        w = 0.1 * rng.standard_normal(shape)
+    return w.astype(np.float32)
+
+
+def parity_inputs(size: int, seed: int = SEED) -> np.ndarray:
+    """Returns the two fixed normalised input images (2, size, size, 3), NHWC float32."""
+    rng = np.random.default_rng([seed, size, 12345])
+    return rng.standard_normal((BATCH, size, size, 3)).astype(np.float32)
+
+
+def summarise(fmap: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns a compact summary of a (B, h, w, C) map: channel means and a fixed slice."""
+    fmap = np.asarray(fmap, np.float32)
+    return {
+        "mean": fmap.mean(axis=(1, 2)),  # (B, C)
+        "slice": fmap[:, :, :, :SLICE_CHANNELS][:, :: max(1, fmap.shape[1] // 4),
+                                                ::max(1, fmap.shape[2] // 4)],  # (B, <=4.., 16)
+    }
+
+
+def torchvision_forward(arch: str, state_dict: dict[str, np.ndarray], x_nhwc: np.ndarray,
+                        layers: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Returns torchvision's float32 eval-mode logits and NHWC feature maps (needs torch)."""
+    import torch
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                          strict=True)
+    model.eval()
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[name].register_forward_hook(
+        lambda _m, _i, o, name=name: captured.__setitem__(name, o.detach().clone()))
+        for name in layers]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()))
+    for hook in hooks:
+        hook.remove()
+    feats = {name: captured[name].numpy().transpose(0, 2, 3, 1) for name in layers}
+    return logits.numpy(), feats
+
+
+def main() -> None:
+    """Writes tests/fixtures/parity_<arch>.npz for every case in PARITY_CASES."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="tests/fixtures")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for arch, (size, layers) in PARITY_CASES.items():
+        logits, feats = torchvision_forward(arch, parity_state_dict(arch), parity_inputs(size),
+                                            layers)
+        arrays = {"logits": logits.astype(np.float32), "size": np.array(size),
+                  "layers": np.array(layers)}
+        for name, fmap in feats.items():
+            for stat, value in summarise(fmap).items():
+                arrays[f"{name}/{stat}"] = value
+        path = out_dir / f"parity_{arch}.npz"
+        np.savez_compressed(path, **arrays)
+        scale = {name: float(np.abs(f).mean()) for name, f in feats.items()}
+        print(f"{path}: {path.stat().st_size / 1024:.0f} KiB, |logits| mean "
+              f"{np.abs(logits).mean():.3g}, feature |mean| {scale}")
+
+
+if __name__ == "__main__":
+    main()
