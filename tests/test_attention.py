@@ -42,24 +42,24 @@ def np_resize_torch(x: np.ndarray, out: int) -> np.ndarray:
 
 def make_features(key: jax.Array, batch: int = 2, sizes=SIZES, channels=CHANNELS) -> list:
     """Returns random non-negative feature maps (B, h, h, C), like post-ReLU backbone features."""
-    keys = jax.random.split(key, len(sizes))
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
     return [
-        jax.nn.relu(jax.random.normal(k, (batch, s, s, c)))
-        for k, s, c in zip(keys, sizes, channels, strict=True)
+        jnp.asarray(np.maximum(rng.normal(size=(batch, s, s, c)), 0), jnp.float32)
+        for s, c in zip(sizes, channels, strict=True)
     ]
 
 
 def randomise(variables: dict, key: jax.Array) -> dict:
     """Returns variables with every leaf replaced by random values (variances positive)."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(variables)
-    keys = jax.random.split(key, len(leaves))
-    new = []
-    for (path, leaf), k in zip(leaves, keys, strict=True):
-        v = jax.random.normal(k, leaf.shape, leaf.dtype) * 0.5
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
+
+    def draw(path, leaf):
+        v = rng.normal(size=leaf.shape) * 0.5
         if "var" in jax.tree_util.keystr(path):
-            v = jnp.abs(v) + 0.5
-        new.append(v)
-    return jax.tree_util.tree_unflatten(tree, new)
+            v = np.abs(v) + 0.5
+        return jnp.asarray(v, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -212,3 +212,124 @@ def test_resize_bilinear_matches_torch_interpolate():
         np.testing.assert_allclose(got, want, atol=1e-5)
         np.testing.assert_allclose(np_resize_torch(x.transpose(0, 2, 3, 1), dst), want,
                                    atol=1e-5)
+
+
+# --- import of the reference release's attention checkpoints ---
+
+
+def reference_state_dict(variables: dict) -> dict:
+    """Returns the reference key layout of TAME variables, written out by hand (OIHW kernels)."""
+    p, st = variables["params"], variables["batch_stats"]
+    sd = {}
+    for i in range(3):
+        sd[f"convs.{i}.weight"] = np.asarray(p[f"convs_{i}"]["kernel"])[0, 0].T[:, :, None, None]
+        sd[f"convs.{i}.bias"] = np.asarray(p[f"convs_{i}"]["bias"])
+        sd[f"bns.{i}.weight"] = np.asarray(p[f"bns_{i}"]["scale"])
+        sd[f"bns.{i}.bias"] = np.asarray(p[f"bns_{i}"]["bias"])
+        sd[f"bns.{i}.running_mean"] = np.asarray(st[f"bns_{i}"]["mean"])
+        sd[f"bns.{i}.running_var"] = np.asarray(st[f"bns_{i}"]["var"])
+        sd[f"bns.{i}.num_batches_tracked"] = np.array(17, np.int64)
+    sd["fuser.weight"] = np.asarray(p["fuser"]["kernel"])[0, 0].T[:, :, None, None]
+    sd["fuser.bias"] = np.asarray(p["fuser"]["bias"])
+    return sd
+
+
+def tame_setup():
+    """Returns (model, features, random variables, template shapes) for the import tests."""
+    feats = make_features(jax.random.key(7))
+    model = TAMEAttention(num_classes=K)
+    template = jax.eval_shape(model.init, jax.random.key(0), feats)
+    variables = randomise(model.init(jax.random.key(1), feats), jax.random.key(8))
+    return model, feats, variables, template
+
+
+def test_import_npz_checkpoint(tmp_path):
+    from tame_jax.weights import load_tame_checkpoint, tame_state_dict_from_variables
+
+    model, feats, variables, template = tame_setup()
+    path = tmp_path / "tame.npz"
+    np.savez(path, **reference_state_dict(variables))
+    loaded = load_tame_checkpoint(path, template)
+    chex.assert_trees_all_close(loaded, jax.tree.map(np.asarray, variables), atol=0, rtol=0)
+    np.testing.assert_array_equal(model.apply(loaded, feats), model.apply(variables, feats))
+    # export is the inverse of import
+    exported = tame_state_dict_from_variables(variables)
+    assert set(exported) == set(reference_state_dict(variables))
+    for k, v in reference_state_dict(variables).items():
+        if not k.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(exported[k], v)
+
+
+def test_import_strips_a_module_prefix_and_ignores_other_modules():
+    from tame_jax.weights import tame_variables_from_state_dict
+
+    _, _, variables, template = tame_setup()
+    sd = {f"attn_mech.{k}": v for k, v in reference_state_dict(variables).items()}
+    sd["body.conv1.weight"] = np.zeros((4, 3, 7, 7))
+    loaded = tame_variables_from_state_dict(sd, template)
+    np.testing.assert_array_equal(loaded["params"]["fuser"]["bias"],
+                                  variables["params"]["fuser"]["bias"])
+
+
+def test_import_errors_name_the_keys():
+    from tame_jax.weights import tame_variables_from_state_dict
+
+    _, _, variables, template = tame_setup()
+    sd = reference_state_dict(variables)
+    del sd["bns.1.running_var"]
+    sd["convs.3.weight"] = np.zeros((1, 1, 1, 1))
+    sd["fuser.weight"] = np.zeros((K + 1, 12, 1, 1))
+    with pytest.raises(ValueError) as err:
+        tame_variables_from_state_dict(sd, template)
+    msg = str(err.value)
+    assert "missing keys: bns.1.running_var (5,)" in msg
+    assert "unexpected keys: convs.3.weight" in msg
+    assert f"fuser.weight: file has ({K + 1}, 12, 1, 1), model expects ({K}, 12, 1, 1)" in msg
+
+
+def test_import_torch_checkpoint_matches_plain_torch_forward(tmp_path):
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    from tame_jax.weights import load_tame_checkpoint
+
+    torch.manual_seed(0)
+
+    class Ref(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = torch.nn.ModuleList([torch.nn.Conv2d(c, c, 1) for c in CHANNELS])
+            self.bns = torch.nn.ModuleList([torch.nn.BatchNorm2d(c) for c in CHANNELS])
+            self.fuser = torch.nn.Conv2d(sum(CHANNELS), K, 1)
+
+    ref = Ref()
+    with torch.no_grad():
+        for bn in ref.bns:
+            bn.weight.normal_()
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "tame.pt"
+    torch.save(ref.state_dict(), path)
+
+    model, _, _, _ = tame_setup()
+    feats_t = [torch.relu(torch.randn(2, c, s, s)) for c, s in zip(CHANNELS, SIZES, strict=True)]
+    feats = [jnp.asarray(t.numpy().transpose(0, 2, 3, 1)) for t in feats_t]
+    template = jax.eval_shape(model.init, jax.random.key(0), feats)
+    variables = load_tame_checkpoint(path, template)
+
+    with torch.no_grad():  # the TAME forward in plain torch ops, BN in eval mode
+        branches = []
+        for i, x in enumerate(feats_t):
+            w, b = ref.convs[i].weight, ref.convs[i].bias
+            y = f.conv2d(x, w, b)
+            bn = ref.bns[i]
+            y = (y - bn.running_mean[:, None, None]) / torch.sqrt(
+                bn.running_var[:, None, None] + 1e-5) * bn.weight[:, None, None] \
+                + bn.bias[:, None, None]
+            y = torch.relu(y + x)
+            branches.append(f.interpolate(y, size=(8, 8), mode="bilinear", align_corners=False))
+        want = f.conv2d(torch.cat(branches, 1), ref.fuser.weight, ref.fuser.bias)
+    want = want.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(model.apply(variables, feats), want, atol=1e-5, rtol=1e-5)
+    sel = model.apply(variables, feats, jnp.array([6, 1]))
+    np.testing.assert_allclose(sel, want[..., [6, 1]], atol=1e-5, rtol=1e-5)
