@@ -62,8 +62,11 @@ class ClassFuser(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, z: jax.Array, classes: jax.Array | None = None) -> jax.Array:
+    def __call__(self, z: jax.Array, classes: jax.Array | None = None,
+                 per_image: bool = False) -> jax.Array:
         """Returns (B, S, S, N) logits for classes (N,) int, or (B, S, S, K) when None.
+
+        With per_image, classes is (B,) and the result is (B, S, S): image b's map of class b.
 
         z: (B, S, S, C). Params: kernel (1, 1, C, K), bias (K,), as an nn.Conv 1x1 would have.
         """
@@ -75,6 +78,9 @@ class ClassFuser(nn.Module):
             classes = jnp.asarray(classes, jnp.int32)
             w = jnp.take(w, classes, axis=1)  # (C, N)
             bias = jnp.take(bias, classes, axis=0)  # (N,)
+        if per_image:
+            out = jnp.einsum("bhwc,cb->bhw", z.astype(self.dtype), w.astype(self.dtype))
+            return out + bias.astype(self.dtype)[:, None, None]
         out = jnp.einsum("bhwc,cn->bhwn", z.astype(self.dtype), w.astype(self.dtype))
         return out + bias.astype(self.dtype)
 
@@ -101,8 +107,12 @@ class TAMEAttention(nn.Module):
         features: Sequence[jax.Array],
         classes: jax.Array | None = None,
         train: bool = False,
+        per_image: bool = False,
     ) -> jax.Array:
         """Returns class logits maps c: (B, S, S, N) for classes (N,) int, or (B, S, S, K).
+
+        per_image=True with classes (B,): returns (B, S, S), image b's map of classes[b] only
+        (the explanation path: one fusion row per image).
 
         features: sequence of (B, h_i, w_i, C_i) square maps, largest first.
         """
@@ -122,7 +132,7 @@ class TAMEAttention(nn.Module):
 
         if self.variant == "lcam_img":
             f = features[-1].astype(self.dtype)  # (B, s, s, C), S = s
-            return fuser(f, classes).astype(jnp.float32)
+            return fuser(f, classes, per_image).astype(jnp.float32)
 
         size = min(features[0].shape[1], self.max_size)
         branches = []
@@ -146,4 +156,4 @@ class TAMEAttention(nn.Module):
             y = jax.nn.sigmoid(y) if self.variant == "sigmoid_branch" else jax.nn.relu(y)
             branches.append(resize_bilinear(y, (size, size)))  # (B, S, S, width)
         z = jnp.concatenate(branches, axis=-1)  # (B, S, S, sum of widths)
-        return fuser(z, classes).astype(jnp.float32)
+        return fuser(z, classes, per_image).astype(jnp.float32)

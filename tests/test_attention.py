@@ -76,6 +76,19 @@ def test_selective_fusion_equals_full_then_gather(variant):
     np.testing.assert_allclose(sel, full[..., classes], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_image_fusion_equals_the_diagonal_of_full_fusion(variant):
+    feats = make_features(jax.random.key(0))
+    model = TAMEAttention(num_classes=K, variant=variant)
+    variables = randomise(model.init(jax.random.key(1), feats), jax.random.key(2))
+    classes = jnp.array([5, 1])  # one class per image
+    full = model.apply(variables, feats)
+    own = model.apply(variables, feats, classes, per_image=True)
+    chex.assert_shape(own, full.shape[:3])
+    want = np.stack([full[b, :, :, int(c)] for b, c in enumerate(classes)])
+    np.testing.assert_allclose(own, want, atol=1e-6, rtol=0)
+
+
 def test_output_shapes_and_cap():
     feats = make_features(jax.random.key(0))
     out = TAMEAttention(num_classes=K).init_with_output(jax.random.key(1), feats)[0]

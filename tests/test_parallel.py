@@ -1,0 +1,88 @@
+"""The sharded train step: the same function of the global batch on 1 and on 8 devices."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tame_jax import backbones, optim
+from tame_jax.attention import TAMEAttention
+from tame_jax.parallel import (
+    BATCH_AXIS,
+    TrainState,
+    check_global_batch,
+    jit_step,
+    make_mesh,
+    make_per_device_step,
+    replicate,
+    shard_batch,
+)
+
+IMAGE = 32
+NUM_CLASSES = 10
+LAYERS = ("layer2", "layer3", "layer4")
+
+
+def _setup(variant="tame"):
+    backbone = backbones.build_backbone("resnet18", num_classes=NUM_CLASSES, layers=LAYERS,
+                                        width=8)
+    bvars = backbones.init_backbone(backbone, jax.random.key(0), IMAGE)
+    attention = TAMEAttention(num_classes=NUM_CLASSES, variant=variant, axis_name=BATCH_AXIS)
+    x = jnp.zeros((1, IMAGE, IMAGE, 3))
+    _, feats = backbone.apply(bvars, x)
+    avars = attention.clone(axis_name=None).init(jax.random.key(1), [feats[n] for n in LAYERS])
+    tx = optim.make_optimizer(1e-2, 20)
+    return backbone, bvars, attention, TrainState.create(avars, tx), tx
+
+
+def _run(devices, steps, variant="tame", selective=True):
+    backbone, bvars, attention, state, tx = _setup(variant)
+    mesh = make_mesh(devices)
+    per_device = make_per_device_step(backbone=backbone, attention=attention, tx=tx,
+                                      layers=LAYERS, selective_fusion=selective)
+    step = jit_step(chex.assert_max_traces(per_device, n=1), mesh)
+    state, bvars = replicate(state, mesh), replicate(bvars, mesh)
+    rng = np.random.default_rng(0)
+    history = []
+    for i in range(steps):
+        images = rng.uniform(size=(16, IMAGE, IMAGE, 3)).astype(np.float32)
+        batch = shard_batch({"image": images}, mesh)
+        state, metrics = step(state, bvars, batch["image"], jax.random.key(i))
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
+@pytest.mark.parametrize("variant", ["tame", "noskip"])
+def test_eight_devices_equal_one_device(variant):
+    assert jax.device_count() >= 8, "conftest.py should fake 8 CPU devices"
+    chex.clear_trace_counter()
+    one, hist1 = _run(jax.devices()[:1], 2, variant)
+    chex.clear_trace_counter()
+    eight, hist8 = _run(jax.devices()[:8], 2, variant)
+    for m1, m8 in zip(hist1, hist8, strict=True):
+        chex.assert_trees_all_close(m1, m8, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(one.params, eight.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(one.batch_stats, eight.batch_stats, rtol=1e-5, atol=1e-6)
+    # The step actually moved the parameters (the comparison is not between two no-ops).
+    _, _, _, init, _ = _setup(variant)
+    delta = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), one.params,
+                                   init.params)
+    assert max(jax.tree_util.tree_leaves(delta)) > 1e-6
+
+
+def test_selective_fusion_step_equals_full_fusion_step():
+    chex.clear_trace_counter()
+    sel, h_sel = _run(jax.devices()[:2], 1, selective=True)
+    chex.clear_trace_counter()
+    full, h_full = _run(jax.devices()[:2], 1, selective=False)
+    chex.assert_trees_all_close(h_sel, h_full, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(sel.params, full.params, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_that_does_not_divide_gives_the_fix():
+    mesh = make_mesh(jax.devices()[:8])
+    with pytest.raises(ValueError, match=r"batch_size=12 does not divide by the 8 devices.*"
+                                         r"multiple of 8 \(e\.g\. 8 or 16\)"):
+        check_global_batch(12, mesh)
+    assert check_global_batch(32, mesh) == 4
