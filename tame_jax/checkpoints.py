@@ -1,0 +1,125 @@
+"""Orbax checkpoints of the train state, with a description that guards against mix-ups.
+
+Each checkpoint holds two items: `state` (the TrainState pytree) and `meta` (JSON: the step,
+and what the state was trained for: backbone, layers, variant, classes). Orbax writes a step
+to a temporary folder and renames it when complete, so a half-written checkpoint (a killed
+run) is never listed and resume picks the last complete one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# The fields of `meta` that must agree between a checkpoint and the run that restores it.
+IDENTITY_KEYS = ("backbone", "layers", "variant", "num_classes", "image_size")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was trained for another model than the one asked for."""
+
+
+def describe(config: Any) -> dict[str, Any]:
+    """Returns the identity of a run (what its checkpoints can be restored into)."""
+    return {
+        "backbone": config.model.backbone,
+        "layers": list(config.model.layers),
+        "variant": config.model.variant,
+        "num_classes": int(config.model.num_classes),
+        "image_size": int(config.data.image_size),
+    }
+
+
+def check_identity(found: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    """Raises CheckpointMismatchError naming every field where the two identities differ."""
+    diffs = [f"{k}: checkpoint has {found.get(k)!r}, config asks for {expected.get(k)!r}"
+             for k in IDENTITY_KEYS if k in expected and found.get(k) != expected.get(k)]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"the checkpoint in {where} was trained for a different model:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another --workdir for this config, or the config the checkpoint was made with."
+        )
+
+
+class Checkpointer:
+    """Saves every `every` steps (and on request), keeps the last `keep`, restores the latest."""
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, every: int = 1000,
+                 identity: Mapping[str, Any] | None = None):
+        self.directory = os.path.join(os.fspath(os.path.abspath(workdir)), "checkpoints")
+        self.every = max(1, int(every))
+        self.identity = dict(identity or {})
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """Returns the step of the newest complete checkpoint, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Returns the steps of all complete checkpoints, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, *, force: bool = False, extra: Mapping | None = None
+             ) -> bool:
+        """Returns whether a checkpoint of `state` at `step` was written (on schedule or forced)."""
+        if not force and step % self.every:
+            return False
+        if step in self.manager.all_steps():
+            return False
+        meta = {"step": int(step), **self.identity, **(extra or {})}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        return True
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """Returns the JSON description saved with the checkpoint of `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"]
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, int]:
+        """Returns (state, step) restored from `step` (default latest) into the target's structure.
+
+        `target` is a state with the right structure (abstract or concrete); its shardings are
+        used for the restored arrays. Raises CheckpointMismatchError if the checkpoint was made
+        for another backbone, variant, layer list or class count.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        check_identity(self.meta(step), self.identity, self.directory)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))
+        return restored["state"], step
+
+    def wait(self) -> None:
+        """Blocks until asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_attention(config: Any, workdir: str | os.PathLike, model: Any,
+                      step: int | None = None) -> tuple[dict[str, Any], int]:
+    """Returns (attention variables, step) from a training workdir (default: latest step)."""
+    from tame_jax import optim
+    from tame_jax.parallel import TrainState
+
+    tx = optim.make_optimizer(config.learning_rate, 100)  # only the state's structure matters
+    template = TrainState.create(model.init_attention(jax.random.key(0)), tx)
+    ckpt = Checkpointer(workdir, identity=describe(config))
+    try:
+        state, step = ckpt.restore(template, step)
+    finally:
+        ckpt.close()
+    return {"params": state.params, "batch_stats": state.batch_stats}, step
