@@ -1,0 +1,246 @@
+"""`synthetic_shapes`: a small, locally generated demo data set for TAME.
+
+Each 128x128 RGB image holds one object whose *shape* is the class (10 classes), drawn at a
+random position, scale (24-56 px), rotation (+-20 degrees) and colour on a cluttered background
+(smooth colour noise and a gradient) with distractors that carry no class information
+(thin lines, small dots, small irregular blobs). The object is drawn last, so its mask is exactly
+the set of pixels it covers, and its box is the tight box of that mask. Colour is drawn
+independently of the class, so only the shape tells the classes apart: a classifier has to look
+at the object, which makes the data set a quick check that explanation maps land on it.
+
+Generation is deterministic: example `i` of a split comes from `np.random.default_rng((seed,
+split_id, i))`, and its label is `i % 10`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+IMAGE_SIZE = 128
+CLASS_NAMES = (
+    "circle", "square", "triangle", "star", "cross",
+    "ring", "rhombus", "crescent", "heart", "bowtie",
+)  # fmt: skip
+NUM_CLASSES = len(CLASS_NAMES)
+MIN_SIZE, MAX_SIZE = 24, 56
+
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5  # pixel centres
+
+
+def _shape_membership(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Returns a bool map of the points (u, v) in [-1, 1]^2 (v points down) inside shape `label`."""
+    r = np.sqrt(u * u + v * v)
+    au, av = np.abs(u), np.abs(v)
+    if label == 0:  # circle
+        return r <= 1.0
+    if label == 1:  # square
+        return np.maximum(au, av) <= 0.8
+    if label == 2:  # triangle, apex up: vertices (0, -0.9), (0.95, 0.75), (-0.95, 0.75)
+        return (v <= 0.75) & (v >= -0.9 + 1.65 / 0.95 * au)
+    if label == 3:  # five-pointed star (polar profile)
+        phi = np.arctan2(u, -v)
+        return r <= 0.4 + 0.6 * ((1.0 + np.cos(5.0 * phi)) / 2.0) ** 2
+    if label == 4:  # plus-shaped cross
+        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+    if label == 5:  # ring
+        return (r <= 1.0) & (r >= 0.55)
+    if label == 6:  # rhombus, taller than wide
+        return au / 0.6 + av <= 1.0
+    if label == 7:  # crescent: disc minus an offset disc
+        return (r <= 1.0) & ((u - 0.45) ** 2 + v * v > 0.8**2)
+    if label == 8:  # heart: (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0 with y up, scaled to fit
+        x, y = u * 1.25, -v * 1.25 + 0.2
+        return (x * x + y * y - 1.0) ** 3 - x * x * y**3 <= 0.0
+    if label == 9:  # bowtie: two triangles meeting at their tips
+        return (au <= 0.9) & (av <= 0.9) & (au >= av)
+    raise ValueError(f"label must be in [0, {NUM_CLASSES}), got {label}")
+
+
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """Returns the (n_out, n_in) matrix of linear interpolation from n_in to n_out samples."""
+    pos = np.linspace(0.0, n_in - 1.0, n_out)
+    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 2)
+    w = pos - lo
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] = 1.0 - w
+    m[np.arange(n_out), lo + 1] = w
+    return m
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """Returns a cluttered smooth background, float32 (H, W, 3) in [0, 255]."""
+    k = int(rng.integers(3, 8))
+    low = rng.uniform(40.0, 215.0, size=(k, k, 3)).astype(np.float32)
+    a = _interp_matrix(IMAGE_SIZE, k)
+    img = (a @ low.transpose(2, 0, 1) @ a.T).transpose(1, 2, 0)  # (H, W, 3) smooth colour field
+    wy, wx = (rng.normal(size=2) / IMAGE_SIZE).tolist()
+    ramp = _YY * wy + _XX * wx
+    img += ramp[..., None] * rng.uniform(-40.0, 40.0, size=3).astype(np.float32)
+    return img
+
+
+def _draw_distractors(rng: np.random.Generator, img: np.ndarray) -> None:
+    """Draws thin lines, dots and small irregular blobs of random colours into img in place."""
+    for _ in range(int(rng.integers(2, 7))):  # thin lines
+        y0, x0, y1, x1 = rng.uniform(0, IMAGE_SIZE, size=4).tolist()
+        dy, dx = y1 - y0, x1 - x0
+        t = np.clip(((_YY - y0) * dy + (_XX - x0) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
+        dist2 = (_YY - y0 - t * dy) ** 2 + (_XX - x0 - t * dx) ** 2
+        img[dist2 <= rng.uniform(0.5, 1.3) ** 2] = rng.uniform(0, 255, size=3)
+    n_dots = int(rng.integers(5, 20))  # small dots, all at once: (n, H, W) distances
+    centres = rng.uniform(0, IMAGE_SIZE, size=(n_dots, 2)).astype(np.float32)
+    radii = rng.uniform(1.0, 3.0, size=n_dots).astype(np.float32)
+    d2 = (_YY[None] - centres[:, 0, None, None]) ** 2 + (_XX[None] - centres[:, 1, None, None]) ** 2
+    inside = d2 <= (radii**2)[:, None, None]
+    colours = rng.uniform(0, 255, size=(n_dots, 3)).astype(np.float32)
+    hit = inside.any(0)
+    img[hit] = colours[np.argmax(inside, axis=0)[hit]]
+    for _ in range(int(rng.integers(1, 4))):  # irregular blobs, smaller than any object
+        cy, cx = rng.uniform(0, IMAGE_SIZE, size=2).tolist()
+        ry, rx = rng.uniform(3.0, 8.0, size=2).tolist()
+        phi = np.arctan2(_YY - cy, _XX - cx)
+        wobble = 1.0 + 0.35 * np.sin(rng.integers(2, 4) * phi + rng.uniform(0, 6.3))
+        img[((_YY - cy) / ry) ** 2 + ((_XX - cx) / rx) ** 2 <= wobble**2] = rng.uniform(0, 255, 3)
+
+
+def render_example(
+    rng: np.random.Generator, label: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (image uint8 (H, W, 3), object mask bool (H, W), bbox float32 (4,)) for `label`.
+
+    The bbox is (ymin, xmin, ymax, xmax) in pixel-edge coordinates: the object covers rows
+    ymin .. ymax - 1 and columns xmin .. xmax - 1, i.e. it is the tight box of the mask.
+    """
+    img = _background(rng)
+    _draw_distractors(rng, img)
+    half = float(rng.uniform(MIN_SIZE, MAX_SIZE)) / 2.0
+    cy, cx = rng.uniform(half, IMAGE_SIZE - half, size=2).tolist()
+    theta = float(np.deg2rad(rng.uniform(-20.0, 20.0)))
+    dy, dx = (_YY - cy) / half, (_XX - cx) / half
+    u = np.cos(theta) * dx + np.sin(theta) * dy
+    v = -np.sin(theta) * dx + np.cos(theta) * dy
+    mask = _shape_membership(int(label), u, v)
+    # Object colour: random, but far enough from the background under the object to be visible.
+    under = img[mask].mean(0)
+    for _ in range(20):
+        colour = rng.uniform(0, 255, size=3)
+        if np.abs(colour - under).max() >= 80.0:
+            break
+    shade = 1.0 + 0.15 * (u + v)[..., None]  # a soft gradient across the object
+    obj = colour.astype(np.float32) * shade
+    img = np.where(mask[..., None], obj, img)
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    bbox = np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1], np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask, bbox
+
+
+def _png(array: np.ndarray) -> bytes:
+    """Returns the PNG encoding of a uint8 (H, W) or (H, W, 3) array."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclasses.dataclass
+class SyntheticShapesConfig(tfds.core.BuilderConfig):
+    """Size and seed of a synthetic_shapes variant."""
+
+    num_train: int = 10_000
+    num_test: int = 1_000
+    seed: int = 0
+
+
+def make_config(name: str) -> SyntheticShapesConfig:
+    """Returns the builder config for "default", "tiny", or either with a "-seedN" suffix."""
+    base, _, seed = name.partition("-seed")
+    sizes = {"default": (10_000, 1_000), "tiny": (64, 40)}
+    if base not in sizes or (seed and not seed.isdigit()):
+        raise ValueError(
+            f"Unknown synthetic_shapes config {name!r}: use 'default' (10000 train / 1000 test) "
+            "or 'tiny' (64 / 40), optionally with a '-seedN' suffix, e.g. 'default-seed3'."
+        )
+    n_train, n_test = sizes[base]
+    return SyntheticShapesConfig(
+        name=name,
+        description=f"{n_train} train / {n_test} test images, seed {int(seed or 0)}",
+        num_train=n_train,
+        num_test=n_test,
+        seed=int(seed or 0),
+    )
+
+
+class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
+    """Shapes on clutter: 10 classes, 128x128 RGB, with object boxes and masks."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [make_config("default"), make_config("tiny")]
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        """Returns None: nothing is downloaded, so there is no checksums file to look up.
+
+        (Also sidesteps tfds 4.9.10 importing `importlib_resources`, absent on Python >= 3.9.)
+        """
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        """Returns the features: image, label, bbox (normalised), object mask."""
+        s = IMAGE_SIZE
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(s, s, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                    "bbox": tfds.features.BBoxFeature(),
+                    "object_mask": tfds.features.Image(shape=(s, s, 1), encoding_format="png"),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://github.com/tame_jax",
+        )
+
+    def _split_generators(self, dl_manager):  # noqa: ARG002 - nothing to download
+        """Returns the train and test generators."""
+        cfg = self.builder_config
+        return {
+            "train": self._generate_examples(0, cfg.num_train),
+            "test": self._generate_examples(1, cfg.num_test),
+        }
+
+    def _generate_examples(self, split_id: int, num: int):
+        """Yields (key, example) for the examples of one split."""
+        seed = self.builder_config.seed
+        for i in range(num):
+            label = i % NUM_CLASSES
+            image, mask, bbox = render_example(np.random.default_rng((seed, split_id, i)), label)
+            yield i, {
+                "image": _png(image),
+                "label": label,
+                "bbox": tfds.features.BBox(*(np.clip(bbox / IMAGE_SIZE, 0.0, 1.0).tolist())),
+                "object_mask": _png(mask.astype(np.uint8)),  # (H, W) grey PNG, read as (H, W, 1)
+            }
+
+
+def synthetic_builder(data_dir: str, config_name: str = "default") -> SyntheticShapes:
+    """Returns the synthetic_shapes builder for config_name ("default", "tiny", "-seedN")."""
+    known = {c.name for c in SyntheticShapes.BUILDER_CONFIGS}
+    config = config_name if config_name in known else make_config(config_name)
+    return SyntheticShapes(config=config, data_dir=data_dir)
+
+
+def prepare_synthetic_shapes(data_dir: str, *, seed: int = 0, config_name: str = "default") -> None:
+    """Builds the demo data set under data_dir once (a no-op when it is already there)."""
+    name = config_name if seed == 0 else f"{config_name}-seed{seed}"
+    builder = synthetic_builder(data_dir, name)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        )
+    )

@@ -1,0 +1,105 @@
+"""Tests of the synthetic_shapes demo data set: rendering and the tfds builder."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from tame_jax import data
+from tame_jax.data import synthetic_shapes as ss
+
+
+def test_render_is_deterministic_and_seeded():
+    a = ss.render_example(np.random.default_rng(7), 3)
+    b = ss.render_example(np.random.default_rng(7), 3)
+    c = ss.render_example(np.random.default_rng(8), 3)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], c[0])
+    assert a[0].shape == (128, 128, 3) and a[0].dtype == np.uint8
+    assert a[1].shape == (128, 128) and a[1].dtype == bool
+
+
+@pytest.mark.parametrize("label", range(ss.NUM_CLASSES))
+def test_bbox_is_tight_box_of_mask(label):
+    for seed in range(5):
+        _, mask, bbox = ss.render_example(np.random.default_rng(seed), label)
+        y0, x0, y1, x1 = bbox.astype(int)
+        assert mask.sum() > 150  # objects are at least 24 px across
+        assert mask[y0:y1, x0:x1].sum() == mask.sum()  # the box contains the whole mask
+        # ... and is tight: each edge row/column of the box holds object pixels
+        assert mask[y0].any() and mask[y1 - 1].any() and mask[:, x0].any() and mask[:, x1 - 1].any()
+        assert 20 <= max(y1 - y0, x1 - x0) <= 64
+
+
+def test_classes_differ_by_shape_not_placement():
+    # Same random stream -> same placement, size and rotation; only the shape changes.
+    masks = [ss.render_example(np.random.default_rng(11), k)[1] for k in range(ss.NUM_CLASSES)]
+    for i in range(ss.NUM_CLASSES):
+        for j in range(i + 1, ss.NUM_CLASSES):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.85, (ss.CLASS_NAMES[i], ss.CLASS_NAMES[j], iou)
+
+
+def test_object_is_visible_against_background():
+    for seed in range(10):
+        img, mask, _ = ss.render_example(np.random.default_rng(seed), seed % 10)
+        ring = np.zeros_like(mask)  # the pixels just outside the object
+        ys, xs = np.nonzero(mask)
+        for dy, dx in [(-2, 0), (2, 0), (0, -2), (0, 2)]:
+            ring[np.clip(ys + dy, 0, 127), np.clip(xs + dx, 0, 127)] = True
+        ring &= ~mask
+        inside = img[mask].astype(float).mean(0)
+        outside = np.median(img[ring].astype(float), axis=0)
+        assert np.abs(inside - outside).max() > 30
+
+
+def test_tiny_builder_and_pipeline(tmp_path):
+    data_dir = str(tmp_path)
+    data.prepare_synthetic_shapes(data_dir, config_name="tiny")
+    stamp = os.path.getmtime(os.path.join(data_dir, "synthetic_shapes", "tiny", "1.0.0"))
+    data.prepare_synthetic_shapes(data_dir, config_name="tiny")  # idempotent: no rebuild
+    assert os.path.getmtime(os.path.join(data_dir, "synthetic_shapes", "tiny", "1.0.0")) == stamp
+    cfg = ml_collections.ConfigDict(
+        {
+            "data": dict(
+                source="synthetic_shapes",
+                data_dir=data_dir,
+                synthetic_config="tiny",
+                train_split="train",
+                eval_split="test",
+                image_size=128,
+                resize_size=128,
+                on_bad_image="error",
+                shuffle_buffer=64,
+            )
+        }
+    )
+    assert data.get_dataset_info(cfg) == data.DatasetInfo(10, 64, 40, 128)
+    kw = dict(process_index=0, process_count=1)
+    batches = list(data.eval_iterator(cfg, global_batch_size=16, **kw))
+    assert len(batches) == 3 and sum(int(b["valid"].sum()) for b in batches) == 40
+    b = batches[0]
+    assert set(b) == {"image", "label", "valid", "bbox", "object_mask"}
+    assert b["object_mask"].shape == (16, 128, 128) and b["object_mask"].dtype == bool
+    # Test example i in file order is render_example((seed 0, split 1, i), i % 10).
+    labels = np.concatenate([x["label"][x["valid"]] for x in batches])
+    # tfds may store examples in any order: find example 0 by its pixels.
+    img0, mask0, bbox0 = ss.render_example(np.random.default_rng((0, 1, 0)), 0)
+    rows = [
+        (k, j) for k, x in enumerate(batches) for j in np.flatnonzero(x["valid"])
+        if np.array_equal(np.rint(x["image"][j] * 255).astype(np.uint8), img0)
+    ]  # fmt: skip
+    assert len(rows) == 1
+    k, j = rows[0]
+    assert batches[k]["label"][j] == 0
+    np.testing.assert_array_equal(batches[k]["object_mask"][j], mask0)
+    np.testing.assert_allclose(batches[k]["bbox"][j], bbox0, atol=1e-4)
+    assert sorted(labels.tolist()) == sorted([i % 10 for i in range(40)])
+    train = data.train_iterator(cfg, global_batch_size=8, seed=0, **kw)
+    assert len(train) == 8
+    t = next(train)
+    assert set(t) == {"image", "label"} and t["image"].shape == (8, 128, 128, 3)
