@@ -102,11 +102,12 @@ def test_folder_eval_labels_padding_and_centre_crop(folder):
     assert images.shape == (8, SIZE, SIZE, 3) and images.dtype == np.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
     assert np.all(images[5:] == 0.0)  # padding
-    # PNG i (70x37, portrait) and g (45x61, landscape) against an independent PIL resize + crop.
-    for row, name in [(2, "dog/i.png"), (0, "cat/g.png")]:
+    # Against an independent PIL resize + crop (PIL rounds to uint8: up to 1/255 apart; a crop
+    # one pixel off gives mean 0.03, max 0.13 on these images).
+    for row, name in [(2, "dog/i.png"), (0, "cat/g.png"), (1, "cat/h.jpg")]:
         ref = _pil_eval(os.path.join(folder, "validation", name))
         diff = np.abs(images[row] - ref)
-        assert diff.mean() < 0.004 and diff.max() < 0.03, (name, diff.mean(), diff.max())
+        assert diff.mean() < 0.002 and diff.max() < 0.006, (name, diff.mean(), diff.max())
 
 
 def test_list_source_follows_list_order_and_labels(folder, tmp_path):

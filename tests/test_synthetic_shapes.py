@@ -99,7 +99,22 @@ def test_tiny_builder_and_pipeline(tmp_path):
     np.testing.assert_array_equal(batches[k]["object_mask"][j], mask0)
     np.testing.assert_allclose(batches[k]["bbox"][j], bbox0, atol=1e-4)
     assert sorted(labels.tolist()) == sorted([i % 10 for i in range(40)])
+    # Train through tfds (the imagenet2012 code path): shapes, and exact resume at step 6
+    # (epoch 0) and 9 (epoch 1): same images, same crops and flips as from step 0.
     train = data.train_iterator(cfg, global_batch_size=8, seed=0, **kw)
     assert len(train) == 8
-    t = next(train)
-    assert set(t) == {"image", "label"} and t["image"].shape == (8, 128, 128, 3)
+    full = [next(train) for _ in range(11)]
+    assert set(full[0]) == {"image", "label"} and full[0]["image"].shape == (8, 128, 128, 3)
+    epoch0 = np.concatenate([b["label"] for b in full[:8]])
+    assert sorted(epoch0.tolist()) == sorted([i % 10 for i in range(64)])  # each example once
+    for k in (6, 9):
+        tail = data.train_iterator(cfg, global_batch_size=8, seed=0, start_step=k, **kw)
+        for a in full[k:]:
+            b = next(tail)
+            np.testing.assert_array_equal(a["image"], b["image"])
+    # Host shards of the tfds split: disjoint, covering, equal batch counts.
+    hosts = [list(data.eval_iterator(cfg, global_batch_size=16, process_index=i, process_count=2))
+             for i in range(2)]  # fmt: skip
+    assert len(hosts[0]) == len(hosts[1]) == 3  # 20 examples each, local batch 8
+    keys = [{x["image"][j].tobytes() for x in h for j in np.flatnonzero(x["valid"])} for h in hosts]
+    assert len(keys[0]) == len(keys[1]) == 20 and not keys[0] & keys[1]

@@ -186,7 +186,7 @@ class _FileSource:
     """Images named by a list of files (folder or list-file sources)."""
 
     def __init__(self, paths: list[str], labels: list[int], split: str):
-        self.paths = np.asarray(paths, dtype=object)
+        self.paths = np.asarray([os.fsencode(p) for p in paths])  # bytes: 1 byte per char
         self.labels = np.asarray(labels, dtype=np.int32)
         self.split = split
         self.extras = False
@@ -207,7 +207,7 @@ class _FileSource:
         idx = self._order(pi, pc, order_seed)[start:end]
         ds = tf.data.Dataset.from_tensor_slices(
             {
-                "path": self.paths[idx].astype(str),
+                "path": self.paths[idx],
                 "label": self.labels[idx],
                 "pos": np.arange(start, start + len(idx), dtype=np.int64),
             }
@@ -218,7 +218,7 @@ class _FileSource:
 
     def describe(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
         """Returns the file at epoch position pos."""
-        return str(self.paths[self._order(pi, pc, order_seed)[pos]])
+        return os.fsdecode(self.paths[self._order(pi, pc, order_seed)[pos]])
 
     def diagnose(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
         """Returns why the file at epoch position pos cannot be read."""

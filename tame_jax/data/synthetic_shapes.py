@@ -14,12 +14,14 @@ split_id, i))`, and its label is `i % 10`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 128
 CLASS_NAMES = (
@@ -84,28 +86,28 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _draw_distractors(rng: np.random.Generator, img: np.ndarray) -> None:
-    """Draws thin lines, dots and small irregular blobs of random colours into img in place."""
+def _draw_distractors(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Returns img (H, W, 3) uint8 with thin lines, dots and small irregular blobs drawn on it."""
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+
+    def colour() -> tuple[int, int, int]:
+        return tuple(int(c) for c in rng.integers(0, 256, size=3))
+
     for _ in range(int(rng.integers(2, 7))):  # thin lines
-        y0, x0, y1, x1 = rng.uniform(0, IMAGE_SIZE, size=4).tolist()
-        dy, dx = y1 - y0, x1 - x0
-        t = np.clip(((_YY - y0) * dy + (_XX - x0) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
-        dist2 = (_YY - y0 - t * dy) ** 2 + (_XX - x0 - t * dx) ** 2
-        img[dist2 <= rng.uniform(0.5, 1.3) ** 2] = rng.uniform(0, 255, size=3)
-    n_dots = int(rng.integers(5, 20))  # small dots, all at once: (n, H, W) distances
-    centres = rng.uniform(0, IMAGE_SIZE, size=(n_dots, 2)).astype(np.float32)
-    radii = rng.uniform(1.0, 3.0, size=n_dots).astype(np.float32)
-    d2 = (_YY[None] - centres[:, 0, None, None]) ** 2 + (_XX[None] - centres[:, 1, None, None]) ** 2
-    inside = d2 <= (radii**2)[:, None, None]
-    colours = rng.uniform(0, 255, size=(n_dots, 3)).astype(np.float32)
-    hit = inside.any(0)
-    img[hit] = colours[np.argmax(inside, axis=0)[hit]]
+        draw.line(rng.uniform(0, IMAGE_SIZE, size=4).tolist(), fill=colour(),
+                  width=int(rng.integers(1, 3)))  # fmt: skip
+    for _ in range(int(rng.integers(5, 20))):  # small dots
+        y, x, r = *rng.uniform(0, IMAGE_SIZE, size=2).tolist(), float(rng.uniform(1.0, 3.0))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour())
     for _ in range(int(rng.integers(1, 4))):  # irregular blobs, smaller than any object
-        cy, cx = rng.uniform(0, IMAGE_SIZE, size=2).tolist()
-        ry, rx = rng.uniform(3.0, 8.0, size=2).tolist()
-        phi = np.arctan2(_YY - cy, _XX - cx)
-        wobble = 1.0 + 0.35 * np.sin(rng.integers(2, 4) * phi + rng.uniform(0, 6.3))
-        img[((_YY - cy) / ry) ** 2 + ((_XX - cx) / rx) ** 2 <= wobble**2] = rng.uniform(0, 255, 3)
+        y, x = rng.uniform(0, IMAGE_SIZE, size=2).tolist()
+        n = int(rng.integers(5, 9))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, size=n))
+        radii = rng.uniform(2.0, 8.0, size=n)
+        draw.polygon(list(zip(x + radii * np.cos(angles), y + radii * np.sin(angles),
+                              strict=True)), fill=colour())  # fmt: skip
+    return np.asarray(pil)
 
 
 def render_example(
@@ -116,27 +118,34 @@ def render_example(
     The bbox is (ymin, xmin, ymax, xmax) in pixel-edge coordinates: the object covers rows
     ymin .. ymax - 1 and columns xmin .. xmax - 1, i.e. it is the tight box of the mask.
     """
-    img = _background(rng)
-    _draw_distractors(rng, img)
+    background = np.clip(np.rint(_background(rng)), 0, 255).astype(np.uint8)
+    img = _draw_distractors(rng, background).copy()  # (H, W, 3) uint8
     half = float(rng.uniform(MIN_SIZE, MAX_SIZE)) / 2.0
     cy, cx = rng.uniform(half, IMAGE_SIZE - half, size=2).tolist()
     theta = float(np.deg2rad(rng.uniform(-20.0, 20.0)))
-    dy, dx = (_YY - cy) / half, (_XX - cx) / half
+    # Shapes lie within radius sqrt(2) * half of the centre: work on that window only.
+    reach = int(np.ceil(1.42 * half))
+    y0, y1 = max(0, int(cy) - reach), min(IMAGE_SIZE, int(cy) + reach + 1)
+    x0, x1 = max(0, int(cx) - reach), min(IMAGE_SIZE, int(cx) + reach + 1)
+    dy, dx = (_YY[y0:y1, x0:x1] - cy) / half, (_XX[y0:y1, x0:x1] - cx) / half
     u = np.cos(theta) * dx + np.sin(theta) * dy
     v = -np.sin(theta) * dx + np.cos(theta) * dy
-    mask = _shape_membership(int(label), u, v)
+    inside = _shape_membership(int(label), u, v)  # (h, w) window of the mask
+    window = img[y0:y1, x0:x1]
     # Object colour: random, but far enough from the background under the object to be visible.
-    under = img[mask].mean(0)
+    under = window[inside].mean(0)
     for _ in range(20):
         colour = rng.uniform(0, 255, size=3)
         if np.abs(colour - under).max() >= 80.0:
             break
     shade = 1.0 + 0.15 * (u + v)[..., None]  # a soft gradient across the object
-    obj = colour.astype(np.float32) * shade
-    img = np.where(mask[..., None], obj, img)
+    obj = np.clip(np.rint(colour.astype(np.float32) * shade), 0, 255).astype(np.uint8)
+    window[inside] = obj[inside]
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    mask[y0:y1, x0:x1] = inside
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     bbox = np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1], np.float32)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask, bbox
+    return img, mask, bbox
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -215,17 +224,24 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, split_id: int, num: int):
-        """Yields (key, example) for the examples of one split."""
+        """Yields (key, example) for the examples of one split, rendered on all CPU cores."""
         seed = self.builder_config.seed
-        for i in range(num):
-            label = i % NUM_CLASSES
-            image, mask, bbox = render_example(np.random.default_rng((seed, split_id, i)), label)
-            yield i, {
-                "image": _png(image),
-                "label": label,
-                "bbox": tfds.features.BBox(*(np.clip(bbox / IMAGE_SIZE, 0.0, 1.0).tolist())),
-                "object_mask": _png(mask.astype(np.uint8)),  # (H, W) grey PNG, read as (H, W, 1)
-            }
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for start in range(0, num, 512):  # bounded chunks keep memory small
+                keys = range(start, min(num, start + 512))
+                yield from pool.map(lambda i: (i, _encoded_example(seed, split_id, i)), keys)
+
+
+def _encoded_example(seed: int, split_id: int, index: int) -> dict:
+    """Returns the tfds example `index` of a split: PNG image and mask, label, bbox."""
+    label = index % NUM_CLASSES
+    image, mask, bbox = render_example(np.random.default_rng((seed, split_id, index)), label)
+    return {
+        "image": _png(image),
+        "label": label,
+        "bbox": tfds.features.BBox(*np.clip(bbox / IMAGE_SIZE, 0.0, 1.0).tolist()),
+        "object_mask": _png(mask.astype(np.uint8)),  # (H, W) grey PNG, read as (H, W, 1)
+    }
 
 
 def synthetic_builder(data_dir: str, config_name: str = "default") -> SyntheticShapes:
