@@ -70,7 +70,7 @@ def test_tiny_builder_and_pipeline(tmp_path):
                 data_dir=data_dir,
                 synthetic_config="tiny",
                 train_split="train",
-                eval_split="test",
+                eval_split="validation",  # an alias of "test" for synthetic_shapes
                 image_size=128,
                 resize_size=128,
                 on_bad_image="error",
