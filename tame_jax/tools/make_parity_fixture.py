@@ -64,7 +64,8 @@ def _tensor(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     if key.endswith(".weight") and len(shape) >= 2:
         fan_in = int(np.prod(shape[1:]))
         last = key.startswith(("fc.", "classifier.6."))
-        w = rng.standard_normal(shape) * np.sqrt((1.0 if last else 2.0) / fan_in)
+        w = rng.standard_normal(shape, np.float32) * np.float32(
+            np.sqrt((1.0 if last else 2.0) / fan_in))
     elif key.endswith("running_mean"):
         w = 0.2 * rng.standard_normal(shape)
     elif key.endswith("running_var"):
@@ -98,7 +99,8 @@ def torchvision_forward(arch: str, state_dict: dict[str, np.ndarray], x_nhwc: np
     import torch
     import torchvision
 
-    model = getattr(torchvision.models, arch)(weights=None)
+    head = "fc.weight" if arch.startswith("resnet") else "classifier.6.weight"
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=len(state_dict[head]))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
                           strict=True)
     model.eval()
