@@ -22,6 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.backbone_weights = "weights/resnet50.safetensors"
     c.model.backbone_mode = "frozen"  # "train" reproduces the reference (BN batch stats, dropout)
     c.model.selective_fusion = True
+    c.model.class_names = ()  # shown in overlays; empty = ImageNet names for 1000 classes
     c.model.dtype = "float32"  # "bfloat16": compute in bf16, params / loss / softmax in f32
 
     c.data = ml_collections.ConfigDict()
@@ -34,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.image_size = 224
     c.data.resize_size = 256
+    c.data.synthetic_config = "default"  # synthetic_shapes size: "default" | "tiny"
     c.data.on_bad_image = "skip"  # | "error"
     c.data.shuffle_buffer = 16_384
 

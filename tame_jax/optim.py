@@ -45,15 +45,12 @@ def _one_cycle(
         raise ValueError(f"one-cycle needs 2 steps or more, got total_steps={total_steps}")
     warmup_end = float(pct_start * total_steps) - 1.0
     last = float(total_steps - 1)
-    if warmup_end <= 0:
-        raise ValueError(
-            f"pct_start={pct_start} x total_steps={total_steps} leaves no warm-up step; "
-            "train for more steps or raise pct_start"
-        )
+    # Very short runs (pct_start * total_steps <= 1) have no warm-up: like OneCycleLR, the
+    # annealing phase then starts at the (non-positive) warm-up end.
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        up = _cos_anneal(start, peak, jnp.clip(step / warmup_end, 0.0, 1.0))
+        up = _cos_anneal(start, peak, jnp.clip(step / max(warmup_end, 1e-9), 0.0, 1.0))
         down = _cos_anneal(peak, end, jnp.clip((step - warmup_end) / (last - warmup_end), 0.0, 1.0))
         return jnp.where(step <= warmup_end, up, down)
 

@@ -196,6 +196,20 @@ def load_backbone_weights(
     return torchvision_to_flax(backbone_name, load_state_dict(path), template)
 
 
+def flax_to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Returns the torchvision-layout state dict of backbone variables (inverse of the import)."""
+    out: dict[str, np.ndarray] = {}
+    for collection in ("params", "batch_stats"):
+        flat = traverse_util.flatten_dict(dict(variables.get(collection, {})))
+        for path, value in flat.items():
+            key = f"{_tv_module(path[:-1])}.{_TV_LEAF_NAMES[(collection, path[-1])]}"
+            value = np.asarray(value)
+            if path[-1] == "kernel":
+                value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+            out[key] = np.ascontiguousarray(value)
+    return out
+
+
 # --- TAME attention checkpoints of the reference release (owned by the attention helper) ---
 
 # Reference key layout: convs.{i}.weight (O, I, 1, 1) | bias, bns.{i}.weight | bias |

@@ -44,13 +44,14 @@ def test_schedule_interior_is_cosine(step):
     np.testing.assert_allclose(mom(step), want_m, rtol=1e-5)
 
 
-def test_schedule_matches_torch_one_cycle():
+@pytest.mark.parametrize("total", [TOTAL, 2, 3, 7])
+def test_schedule_matches_torch_one_cycle(total):
     torch = pytest.importorskip("torch")
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=ETA, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ETA, total_steps=TOTAL)
-    lr, mom = optim.one_cycle_lr(TOTAL, ETA), optim.one_cycle_momentum(TOTAL)
-    for step in range(TOTAL):
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ETA, total_steps=total)
+    lr, mom = optim.one_cycle_lr(total, ETA), optim.one_cycle_momentum(total)
+    for step in range(total):
         group = opt.param_groups[0]
         np.testing.assert_allclose(lr(step), group["lr"], rtol=1e-5, atol=1e-12)
         np.testing.assert_allclose(mom(step), group["momentum"], rtol=1e-5)
@@ -93,6 +94,6 @@ def test_two_steps_match_hand_computed_nesterov_sgd():
         chex.assert_trees_all_close(params, want, rtol=1e-6, atol=1e-9)
 
 
-def test_short_runs_are_rejected_with_a_fix():
-    with pytest.raises(ValueError, match="no warm-up step"):
-        optim.one_cycle_lr(3, ETA)
+def test_a_single_step_run_is_rejected():
+    with pytest.raises(ValueError, match="2 steps or more"):
+        optim.one_cycle_lr(1, ETA)
