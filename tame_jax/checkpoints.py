@@ -2,21 +2,25 @@
 
 Each checkpoint holds two items: `state` (the TrainState pytree) and `meta` (JSON: the step,
 and what the state was trained for: backbone, layers, variant, classes). Orbax writes a step
-to a temporary folder and renames it when complete, so a half-written checkpoint (a killed
-run) is never listed and resume picks the last complete one.
+to a temporary folder (`<step>.orbax-checkpoint-tmp*`) and renames it when complete, so a
+half-written checkpoint (a killed run) is never listed and resume picks the last complete one.
+A step folder that lacks orbax's commit marker (e.g. copied in part by hand) is ignored too.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 # The fields of `meta` that must agree between a checkpoint and the run that restores it.
 IDENTITY_KEYS = ("backbone", "layers", "variant", "num_classes", "image_size")
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step folder as its last act
 
 
 class CheckpointMismatchError(ValueError):
@@ -46,6 +50,34 @@ def check_identity(found: Mapping[str, Any], expected: Mapping[str, Any], where:
         )
 
 
+def set_aside_incomplete(directory: str) -> list[str]:
+    """Returns the step folders renamed to `<step>.incomplete-<time>` for lacking a commit marker.
+
+    Orbax lists every renamed step folder as complete; a folder without COMMIT_MARKER (where
+    the others have one, so this orbax writes it) was not written by a finished save: moving
+    it aside keeps it for inspection, and resume and later saves of that step ignore it.
+    """
+    if not os.path.isdir(directory):
+        return []
+    steps = [e.name for e in os.scandir(directory) if e.is_dir() and e.name.isdigit()]
+    marked = {n for n in steps if os.path.exists(os.path.join(directory, n, COMMIT_MARKER))}
+    if not marked:
+        return []  # an orbax that writes no markers: trust its rename
+    moved = []
+    for name in sorted(set(steps) - marked, key=int):
+        target = f"{name}.incomplete-{int(time.time())}"
+        try:
+            os.rename(os.path.join(directory, name), os.path.join(directory, target))
+        except OSError as e:  # e.g. a read-only workdir: leave it, orbax may then list it
+            logging.warning("could not move the incomplete checkpoint %s/%s aside: %s",
+                            directory, name, e)
+            continue
+        logging.warning("checkpoint folder %s/%s has no %s (an unfinished save): moved it to %s "
+                        "and ignored it", directory, name, COMMIT_MARKER, target)
+        moved.append(target)
+    return moved
+
+
 class Checkpointer:
     """Saves every `every` steps (and on request), keeps the last `keep`, restores the latest."""
 
@@ -54,6 +86,12 @@ class Checkpointer:
         self.directory = os.path.join(os.fspath(os.path.abspath(workdir)), "checkpoints")
         self.every = max(1, int(every))
         self.identity = dict(identity or {})
+        if jax.process_index() == 0:
+            set_aside_incomplete(self.directory)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tame_jax checkpoints listed")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
@@ -71,7 +109,7 @@ class Checkpointer:
         """Returns whether a checkpoint of `state` at `step` was written (on schedule or forced)."""
         if not force and step % self.every:
             return False
-        if step in self.manager.all_steps():
+        if step in self.all_steps():
             return False
         meta = {"step": int(step), **self.identity, **(extra or {})}
         self.manager.save(step, args=ocp.args.Composite(

@@ -6,13 +6,17 @@ position in the data. SIGTERM (a preemption notice) saves a checkpoint before ex
 
 from __future__ import annotations
 
+import difflib
+import glob
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -54,22 +58,70 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def setup_distributed(config: Any) -> None:
-    """Starts jax.distributed when running on several processes (explicit, SLURM or TPU pod)."""
+def _slurm_tasks() -> int:
+    """Returns the task count of the SLURM job step this process belongs to (1 outside srun)."""
+    if "SLURM_STEP_NODELIST" not in os.environ or "SLURM_PROCID" not in os.environ:
+        return 1  # not inside `srun` (an sbatch script itself is not a multi-process step)
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """Returns whether this machine has TPU chips, checked without starting a JAX backend."""
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+                or os.environ.get("TPU_WORKER_HOSTNAMES"))
+
+
+def distributed_mode(config: Any) -> str:
+    """Returns how this process joins a multi-process run: "explicit", "auto" or "single".
+
+    config.distributed.num_processes > 1: explicit coordinator address and process id;
+    1: never initialise; -1 (default): "auto" under a multi-task SLURM step or on a TPU VM
+    (jax.distributed finds the others itself), "single" otherwise.
+    """
     d = config.get("distributed", None)
-    explicit = d is not None and d.num_processes > 1
-    if explicit:
-        if not d.coordinator_address or d.process_id < 0:
+    n = -1 if d is None else int(d.num_processes)
+    if n > 1:
+        if not d.coordinator_address or not 0 <= d.process_id < n:
             raise ValueError(
-                "config.distributed.num_processes > 1 needs coordinator_address (host:port of "
-                "process 0) and process_id (0..num_processes-1) as well"
+                f"config.distributed.num_processes={n} needs coordinator_address (host:port of "
+                f"process 0, reachable from all) and process_id in 0..{n - 1}; got "
+                f"coordinator_address={d.coordinator_address!r}, process_id={d.process_id}"
             )
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        return "explicit"
+    if n == 1 or n == 0:
+        return "single"
+    if n != -1:
+        raise ValueError(f"config.distributed.num_processes={n}: use -1 (detect), 1, or > 1")
+    return "auto" if _slurm_tasks() > 1 or _on_cloud_tpu_vm() else "single"
+
+
+def setup_distributed(config: Any) -> None:
+    """Starts jax.distributed when running on several processes (explicit, SLURM or TPU pod).
+
+    Must run before anything starts a JAX backend (jax.devices(), default_backend(), any
+    computation): both jax.distributed and the CPU collectives are fixed when it starts.
+    """
+    mode = distributed_mode(config)
+    if mode == "single" or jax.distributed.is_initialized():
+        return
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        # Cross-process collectives for CPU devices (a no-op for GPU/TPU devices).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if mode == "explicit":
+        d = config.distributed
         jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                                   num_processes=d.num_processes, process_id=d.process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
-        jax.distributed.initialize()  # cluster detected from the environment
+                                   num_processes=int(d.num_processes),
+                                   process_id=int(d.process_id))
+    elif _slurm_tasks() > 1:
+        jax.distributed.initialize()  # coordinator, count and id from the SLURM step
+    else:
+        try:
+            jax.distributed.initialize()  # Cloud TPU VM: the pod's hosts from its metadata
+        except ValueError as e:  # no TPU cluster found after all: one process
+            logging.warning("no TPU pod found (%s); running as a single process", e)
+            return
+    logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -91,12 +143,30 @@ def check_finite(metrics: dict[str, np.ndarray], step: int, ckpt: checkpoints.Ch
     """Raises FloatingPointError naming the step if the loss is NaN or infinite."""
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
-        last = ckpt.latest_step()
-        raise FloatingPointError(
-            f"loss became {loss} at step {step}; stopping. The last good checkpoint is "
-            f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}. "
-            "Lower config.learning_rate (try tame_jax.lr_finder) or check the input data."
-        )
+        _raise_not_finite(f"loss became {loss} at step {step}", ckpt)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Returns a scalar bool: whether every entry of every leaf is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def check_state_finite(state: TrainState, step: int, ckpt: checkpoints.Checkpointer) -> None:
+    """Raises FloatingPointError naming the step if a parameter or statistic is NaN or inf."""
+    if not bool(_all_finite((state.params, state.batch_stats))):
+        _raise_not_finite(f"the parameters became NaN or infinite at step {step}", ckpt)
+
+
+def _raise_not_finite(what: str, ckpt: checkpoints.Checkpointer) -> None:
+    """Raises FloatingPointError saying what went wrong and which checkpoint is still good."""
+    ckpt.wait()
+    last = ckpt.latest_step()
+    raise FloatingPointError(
+        f"{what}; stopping without saving it. The last good checkpoint is "
+        f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}. "
+        "Lower config.learning_rate (try tame_jax.lr_finder) or check the input data."
+    )
 
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
@@ -170,18 +240,76 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
             stop = preemption.reached(done)
             if done % ckpt.every == 0 or stop:
                 check_finite(jax.device_get(metrics), done, ckpt)
+                check_state_finite(state, done, ckpt)
                 ckpt.save(done, state, force=True)
             if stop:
                 ckpt.wait()
                 logging.warning("preempted: saved step %d; rerun the same command to resume", done)
                 raise SystemExit(143)
         check_finite(jax.device_get(metrics), num_steps, ckpt)
+        check_state_finite(state, num_steps, ckpt)
         ckpt.save(num_steps, state, force=True)
     finally:
         preemption.restore()
         writer.flush()
         ckpt.close()
     return state
+
+
+def define_flags() -> None:
+    """Defines the command-line flags --config (with --config.X=... overrides) and --workdir."""
+    config_flags.DEFINE_config_file("config", None, "path to a config file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _load_config_file(argv: list[str]) -> Any:
+    """Returns the config that --config=FILE[:ARG] in argv names (None if there is none)."""
+    import runpy
+
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if not spec:
+        return None
+    path, _, arg = spec.partition(":")
+    get_config = runpy.run_path(path)["get_config"]
+    return get_config(arg) if arg else get_config()
+
+
+def _unknown_config_key(argv: list[str]) -> str | None:
+    """Returns a message naming the first --config.X=... override whose key does not exist."""
+    try:
+        config = _load_config_file(argv)
+    except Exception:  # the normal parse reports problems with the file itself
+        return None
+    if config is None:
+        return None
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[2:].split("=", 1)[0].split(".")[1:]
+        node, where = config, "config"
+        for key in path:
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" Did you mean {where}.{close[0]}?" if close else ""
+                return (f"unknown config key {'.'.join(['config', *path])!r} in {arg!r}: {where} "
+                        f"has no field {key!r}.{hint} Its fields: {', '.join(sorted(fields))}.")
+            node, where = node[key], f"{where}.{key}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Returns the arguments left after parsing flags; exits with a clear message on a bad key."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError):  # ml_collections' message names no flag
+        message = _unknown_config_key(argv)
+        if message is None:
+            raise
+        sys.exit(f"FATAL Flags parsing error: {message}")
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull for help on flags.")
 
 
 def main(argv: list[str]) -> None:
@@ -194,7 +322,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "path to a config file", lock_config=True)
-    flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
