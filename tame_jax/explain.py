@@ -98,17 +98,20 @@ class Explainer:
     @classmethod
     def from_reference_release(cls, path: str, *, backbone: str = "resnet50",
                                backbone_weights: str = "", layers: Sequence[str] | None = None,
-                               num_classes: int = 1000, image_size: int = 224) -> Explainer:
+                               num_classes: int = 1000, image_size: int = 224,
+                               backbone_kwargs: dict | None = None) -> Explainer:
         """Returns the explainer of an attention checkpoint of the reference PyTorch release."""
         from tame_jax import backbones, weights
         from tame_jax.model import build_model
 
         config = default_config()
         config.model.backbone = backbone
+        config.model.backbone_kwargs = dict(backbone_kwargs or {})
         config.model.layers = tuple(layers or backbones.get_spec(backbone).default_layers)
         config.model.num_classes = num_classes
         config.model.backbone_weights = backbone_weights
         config.data.image_size = image_size
+        config.data.resize_size = max(image_size, config.data.resize_size * image_size // 224)
         model = build_model(config)
         template = model.init_attention(jax.random.key(0))
         attention_vars = weights.load_tame_checkpoint(path, template)
