@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs the whole benchmark on one GPU (or TPU) in one go and prints the table.
+#
+#   bash launch/bench_accelerator.sh              # install into ./.venv-bench, then run
+#   TAME_NO_INSTALL=1 bash launch/bench_accelerator.sh   # use the python already on PATH
+#
+# Defaults: ResNet-50 and VGG-16 at 224, bf16 compute and f32 for comparison, batch 128,
+# 10 timed steps; override with BACKBONES, BATCH, DTYPES, STEPS, OUT. The table compares
+# full-map and class-selective fusion in the same run and gives FLOP utilisation against a
+# bf16 (resp. f32) 8192^3 matmul timed on the same chip; target: train step >= 40% in bf16.
+# Set JAX_EXTRA=tpu on a TPU VM (default cuda12). Untested on an accelerator so far.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+BACKBONES=${BACKBONES:-resnet50,vgg16}
+BATCH=${BATCH:-128}
+DTYPES=${DTYPES:-bfloat16,float32}
+STEPS=${STEPS:-10}
+OUT=${OUT:-bench_accelerator.json}
+JAX_EXTRA=${JAX_EXTRA:-cuda12}
+
+if [[ "${TAME_NO_INSTALL:-0}" != "1" ]]; then
+  python3 -m venv .venv-bench
+  # shellcheck disable=SC1091
+  source .venv-bench/bin/activate
+  python -m pip install --quiet --upgrade pip
+  python -m pip install --quiet -e ".[${JAX_EXTRA}]"
+fi
+
+# One process owns the chip: let XLA take what it needs, and keep TF (if installed) off it.
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # per-chip numbers: one device
+
+python - <<'EOF'
+import jax
+d = jax.devices()[0]
+print(f"jax {jax.__version__}: {jax.device_count()} device(s), {d.platform} {d.device_kind}")
+if d.platform == "cpu":
+    raise SystemExit("No accelerator visible to JAX: install jax[cuda12] (or jax[tpu]).")
+EOF
+
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+fi
+
+python -m tame_jax.bench --backbones="$BACKBONES" --batch="$BATCH" --dtype="$DTYPES" \
+  --steps="$STEPS" --image_size=224 --out="$OUT"
+echo "JSON: $OUT"

@@ -1,0 +1,94 @@
+"""Mixed precision: model.dtype="bfloat16" computes in bf16, keeps params, loss and maps in f32."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tame_jax import optim
+from tame_jax.config import default_config
+from tame_jax.model import build_model
+from tame_jax.parallel import TrainState, make_mesh, make_train_step, replicate, shard_batch
+
+IMAGE = 64
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Returns (bf16 model from the config, the same model and weights computing in f32)."""
+    config = default_config()
+    config.model.backbone = "resnet18"
+    config.model.backbone_kwargs.width = 16
+    config.model.num_classes = 20
+    config.model.backbone_weights = "random"
+    config.model.dtype = "bfloat16"
+    config.data.image_size = IMAGE
+    bf16 = build_model(config)
+    f32 = dataclasses.replace(bf16, backbone=bf16.backbone.clone(dtype=jnp.float32),
+                              attention=bf16.attention.clone(dtype=jnp.float32))
+    return bf16, f32
+
+
+def _f32_leaves(tree) -> bool:
+    """Returns whether every floating-point leaf of tree is float32 (int counters are ignored)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return bool(leaves) and all(x.dtype == jnp.float32 for x in leaves)
+
+
+def test_config_dtype_reaches_backbone_and_attention(models):
+    bf16, _ = models
+    assert bf16.backbone.dtype == jnp.bfloat16 and bf16.attention.dtype == jnp.bfloat16
+    assert _f32_leaves(bf16.backbone_vars)  # parameters and BN statistics stay f32
+    images = jnp.full((1, IMAGE, IMAGE, 3), 0.5)
+    logits, feats = bf16.features(images)
+    assert logits.dtype == jnp.float32  # logits (hence softmax and CE) in f32
+    assert all(f.dtype == jnp.bfloat16 for f in feats)  # the convolutions ran in bf16
+
+
+def test_bf16_maps_correlate_with_f32_maps(models):
+    bf16, f32 = models
+    avars = f32.init_attention(jax.random.key(1))
+    assert _f32_leaves(avars)
+    images = jax.random.uniform(jax.random.key(2), (4, IMAGE, IMAGE, 3))
+    maps32, classes, _ = jax.jit(f32.explain)(avars, images)
+    maps16, _, logits16 = jax.jit(bf16.explain)(avars, images, classes)  # same classes
+    assert maps16.dtype == jnp.float32 and logits16.dtype == jnp.float32
+    chex.assert_shape(maps16, (4, IMAGE, IMAGE))
+    a = np.asarray(maps32).reshape(4, -1)
+    b = np.asarray(maps16).reshape(4, -1)
+    assert a.std(axis=1).min() > 1e-3  # the maps are not flat (the correlation means something)
+    corr = [np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True)]
+    assert min(corr) >= 0.99, corr
+    assert np.abs(a - b).max() > 0  # and bf16 really changed the arithmetic
+
+
+def test_bf16_train_step_keeps_f32_state_and_follows_f32_gradient(models):
+    bf16, f32 = models
+    mesh = make_mesh(jax.devices()[:1])
+    tx = optim.make_optimizer(1e-2, 10)
+    avars = f32.init_attention(jax.random.key(1))
+    images = np.random.default_rng(0).uniform(size=(4, IMAGE, IMAGE, 3)).astype(np.float32)
+    images = shard_batch({"image": images}, mesh)["image"]
+    out = {}
+    for name, model in (("bf16", bf16), ("f32", f32)):
+        step = make_train_step(mesh, backbone=model.backbone, attention=model.attention, tx=tx,
+                               layers=model.layers)
+        state = replicate(TrainState.create(jax.tree.map(jnp.copy, avars), tx), mesh)
+        bvars = replicate(model.backbone_vars, mesh)
+        out[name] = step(state, bvars, images, jax.random.key(3))
+    state16, metrics16 = out["bf16"]
+    state32, metrics32 = out["f32"]
+    assert _f32_leaves(state16.params) and _f32_leaves(state16.opt_state)
+    assert _f32_leaves(state16.batch_stats)
+    assert metrics16["loss"].dtype == jnp.float32 and np.isfinite(metrics16["loss"])
+    np.testing.assert_allclose(metrics16["loss"], metrics32["loss"], rtol=2e-2)
+    # The bf16 update points the same way as the f32 one (cosine similarity of the updates).
+    flat = lambda s: np.concatenate([np.ravel(u - p) for u, p in zip(
+        jax.tree_util.tree_leaves(s.params), jax.tree_util.tree_leaves(avars["params"]),
+        strict=True)])
+    d16, d32 = flat(state16), flat(state32)
+    assert np.linalg.norm(d32) > 0
+    assert d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32)) > 0.95
