@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +123,17 @@ def test_timm_vgg_head_is_reshaped_to_torchvision_layout():
     assert out["classifier.0.weight"].shape == (4, 25088)
     assert out["classifier.0.weight"][2, 300 * 49 + 3 * 7 + 6] == fc1[2, 300, 3, 6]
     np.testing.assert_array_equal(out["classifier.3.weight"], fc2[:, :, 0, 0])
+
+
+def test_flax_to_torchvision_is_the_inverse_of_the_import():
+    from tame_jax import backbones
+    from tame_jax.weights import flax_to_torchvision, torchvision_to_flax
+
+    net = backbones.build_backbone("resnet18", num_classes=10, width=8)
+    variables = backbones.init_backbone(net, jax.random.key(3), 32)
+    state_dict = flax_to_torchvision(variables)
+    assert state_dict["conv1.weight"].shape == (8, 3, 7, 7)  # OIHW
+    assert state_dict["fc.weight"].shape == (10, 64)  # (out, in)
+    assert "layer2.0.downsample.1.running_var" in state_dict
+    back = torchvision_to_flax("resnet18", state_dict, variables)
+    chex.assert_trees_all_close(back, jax.device_get(variables))

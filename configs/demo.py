@@ -1,0 +1,41 @@
+"""The embedded demo: TAME on a narrow ResNet-18 that classifies synthetic_shapes (10 classes).
+
+Needs no download: the data set is generated locally (once, into data.data_dir) and the
+backbone weights ship with the package (made by `python -m tame_jax.tools.train_backbone`).
+"""
+
+import os
+from importlib import resources
+
+from tame_jax.config import default_config
+
+SHAPES = ("circle", "square", "triangle", "star", "cross",
+          "ring", "rhombus", "crescent", "heart", "bowtie")
+
+
+def get_config():
+    """Returns the demo config."""
+    c = default_config()
+    c.model.backbone = "resnet18"
+    c.model.backbone_kwargs = {"width": 16}
+    c.model.num_classes = 10
+    c.model.class_names = SHAPES
+    c.model.layers = ("layer2", "layer3", "layer4")  # 16x16, 8x8, 4x4 at 128 px
+    c.model.backbone_weights = str(
+        resources.files("tame_jax") / "assets" / "demo_resnet18_w16.safetensors")
+    c.data.source = "synthetic_shapes"
+    c.data.data_dir = os.path.expanduser("~/tensorflow_datasets")
+    c.data.synthetic_config = "default"
+    c.data.image_size = 128
+    c.data.resize_size = 128
+    c.data.eval_split = "test"
+    c.batch_size = 32
+    c.num_epochs = 2
+    c.learning_rate = 1e-3
+    c.log_every = 50
+    c.checkpoint_every = 200
+    c.eval.batch_size = 50
+    c.eval.num_examples = 200
+    c.eval.insertion_steps = 16
+    c.eval.rise_masks = 500
+    return c
