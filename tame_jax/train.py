@@ -35,11 +35,20 @@ SCALARS = ("loss", "ce", "area", "variation", "agreement")
 
 
 class Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint and stop at the next step boundary."""
+    """Tells the loop when to checkpoint and stop after a SIGTERM (a preemption notice).
+
+    One process: a Python SIGTERM handler sets a flag, seen at the next step boundary.
+    Several processes: JAX's preemption service (started by jax.distributed, with its own
+    SIGTERM handler, which a Python handler would replace) tells every process the same step,
+    so that all of them save together even if only one was signalled.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multihost = jax.process_count() > 1
+        self._previous = None
+        if not self.multihost:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         logging.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
@@ -47,15 +56,16 @@ class Preemption:
 
     def reached(self, step: int) -> bool:
         """Returns whether to stop now; on several hosts all of them agree on the step."""
-        if jax.process_count() > 1:
+        if self.multihost:
             from jax.experimental import multihost_utils
 
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
     def restore(self) -> None:
         """Puts back the previous SIGTERM handler."""
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _slurm_tasks() -> int:

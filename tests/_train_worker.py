@@ -5,8 +5,8 @@ As a config file: `python -m tame_jax.train --config=tests/_train_worker.py
 
 As a script: `python tests/_train_worker.py OUT --config=... --workdir=...` runs the trainer
 with the same flags as `python -m tame_jax.train` and also writes, for this process,
-OUT/params_<process>.npz (the final attention parameters it holds) and OUT/read_<process>.json
-(the files its data pipeline was asked to read, and the process count).
+OUT/params_<process>.npz (the attention parameters it held at its last checkpoint save) and
+OUT/read_<process>.json (the files its data pipeline was asked to read, the process count).
 """
 
 from __future__ import annotations
@@ -123,27 +123,43 @@ def _record_reads(log: list[str]) -> None:
     pipeline._FileSource.dataset = dataset
 
 
-def main() -> None:
-    """Trains like `python -m tame_jax.train` and writes what this process held and read."""
+def _record_saves(out: str) -> None:
+    """Makes every checkpoint save also write the parameters this process holds to `out`."""
     import jax
-    from absl import app, flags
+
+    from tame_jax import checkpoints
+
+    original = checkpoints.Checkpointer.save
+
+    def save(self, step, state, **kwargs):
+        leaves = jax.tree_util.tree_leaves_with_path(state.params)
+        np.savez(os.path.join(out, f"params_{jax.process_index()}.npz"),  # replicated: np works
+                 **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+        return original(self, step, state, **kwargs)
+
+    checkpoints.Checkpointer.save = save
+
+
+def main() -> None:
+    """Runs `python -m tame_jax.train` with the extra records (see the module docstring)."""
+    import jax
+    from absl import app
 
     from tame_jax import train
 
     out = sys.argv.pop(1)
     reads: list[str] = []
     _record_reads(reads)
+    _record_saves(out)
 
     def run(argv: list[str]) -> None:
-        state = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-        pi = jax.process_index()
-        leaves = jax.tree_util.tree_leaves_with_path(state.params)
-        np.savez(os.path.join(out, f"params_{pi}.npz"),
-                 **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
-        with open(os.path.join(out, f"read_{pi}.json"), "w") as f:
-            json.dump({"process_count": jax.process_count(), "files": reads,
-                       "local_devices": jax.local_device_count(),
-                       "devices": jax.device_count()}, f)
+        try:
+            train.main(argv)
+        finally:
+            with open(os.path.join(out, f"read_{jax.process_index()}.json"), "w") as f:
+                json.dump({"process_count": jax.process_count(), "files": reads,
+                           "local_devices": jax.local_device_count(),
+                           "devices": jax.device_count()}, f)
 
     train.define_flags()
     app.run(run, flags_parser=train.parse_flags)

@@ -1,0 +1,245 @@
+"""Bad input gets a clear error (or a counted skip) that names the problem and loses nothing.
+
+The broken-JPEG and NaN cases run `python -m tame_jax.train` in subprocesses (1 CPU device);
+the others fail before the first step and run in this process (8 fake devices).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from _train_worker import CONFIG, REPO, finish, get_config, make_folder, start, subprocess_env
+from _train_worker import train_command as command
+
+from tame_jax import checkpoints, optim, train
+from tame_jax.model import build_model
+from tame_jax.parallel import TrainState
+
+STEPS = 16  # as in test_resume: the same compiled step, from the shared compilation cache
+TIMEOUT_S = 240
+BROKEN = os.path.join("train", "class0", "broken.jpg")
+
+
+def _config(root: str, **overrides):
+    """Returns the subprocess tests' config on `root`, with dotted-key overrides."""
+    c = get_config()
+    c.data.root = root
+    for k, v in overrides.items():
+        target = c
+        *path, leaf = k.split(".")
+        for p in path:
+            target = target[p]
+        target[leaf] = v
+    return c
+
+
+def _write_broken_jpeg(path: str) -> None:
+    """Writes the first half of a valid JPEG (a truncated file that does not decode)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(img).save(buf, format="JPEG")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def _epoch_orders(root: str, seed: int, epochs: int) -> list[list[str]]:
+    """Returns, per epoch, the files in the order the (single-host) pipeline reads them."""
+    from tame_jax.data import pipeline
+
+    source = pipeline._source(_config(root), "train")
+    return [[os.fsdecode(source.paths[i]) for i in source._order(0, 1, (seed, 0, e))]
+            for e in range(epochs)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs the three subprocess runs; returns {name: (returncode, log), ...}."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    env = subprocess_env(devices=1, cache_dir=str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    # 16 good images and a truncated JPEG: 17 files, batch 8, so 2 steps per epoch and one
+    # file left out per epoch. Pick the seed that leaves the broken file out of epoch 0 and
+    # reads it in epoch 1: the checkpoint of step 2 exists before it is met.
+    root = str(tmp / "data")
+    make_folder(root, per_class=8)
+    broken = os.path.join(root, BROKEN)
+    _write_broken_jpeg(broken)
+    seed = next(s for s in range(1000)
+                if (o := _epoch_orders(root, s, 2))[0][-1] == broken and broken in o[1][:-1])
+    orders = _epoch_orders(root, seed, STEPS // 2)
+    expected_skips = sum(broken in order[:-1] for order in orders)
+
+    clean = str(tmp / "clean")
+    make_folder(clean, per_class=8)
+    cmds = {
+        "skip": command(str(tmp / "skip"), root, f"--config.num_train_steps={STEPS}",
+                        f"--config.seed={seed}", "--config.data.on_bad_image=skip"),
+        "error": command(str(tmp / "error"), root, f"--config.num_train_steps={STEPS}",
+                         f"--config.seed={seed}", "--config.data.on_bad_image=error"),
+        "nan": command(str(tmp / "nan"), clean, f"--config.num_train_steps={STEPS}",
+                       "--config.learning_rate=1e20", "--config.checkpoint_every=1"),
+    }
+    # "skip" and "error" run the same program: the second finds it in the compilation cache.
+    logs = {k: str(tmp / f"{k}.txt") for k in cmds}
+    procs = {k: start(cmds[k], env, logs[k]) for k in ("skip", "nan")}
+    out = {}
+    for k in ("skip", "error", "nan"):
+        if k not in procs:
+            procs[k] = start(cmds[k], env, logs[k])
+        text = finish(procs[k], logs[k], TIMEOUT_S)
+        out[k] = (procs[k].returncode, text)
+    error_block = orders[1].index(broken) // 8  # the batch of epoch 1 that holds it
+    return dict(out, tmp=str(tmp), root=root, clean=clean, broken=broken,
+                expected_skips=expected_skips, last_logged_step=2 + error_block)
+
+
+def test_broken_jpeg_is_skipped_and_counted(runs):
+    code, text = runs["skip"]
+    assert code == 0, text[-3000:]
+    skipped = re.findall(r"Skipping unreadable image (\S+) \((\d+) skipped so far\)", text)
+    assert runs["expected_skips"] >= 3
+    assert [n for _, n in skipped] == [str(i + 1) for i in range(runs["expected_skips"])]
+    assert {name for name, _ in skipped} == {runs["broken"]}
+    assert f"step {STEPS}/{STEPS}" in text
+
+
+def test_broken_jpeg_with_on_bad_image_error_names_the_file_and_keeps_the_checkpoint(runs):
+    code, text = runs["error"]
+    assert code not in (0, None), text[-3000:]
+    assert re.search(rf"BadImageError: Cannot decode image {re.escape(runs['broken'])}: .*"
+                     r"set config.data.on_bad_image='skip'", text), text[-3000:]
+    last = runs["last_logged_step"]  # the steps before the batch holding the broken file
+    assert f"step {last}/{STEPS}" in text and f"step {last + 1}/{STEPS}" not in text
+    workdir = os.path.join(runs["tmp"], "error")
+    assert _steps(workdir) == [2]  # written before the broken file was met, and kept
+    config = _config(runs["root"])
+    restored, step = checkpoints.restore_attention(config, workdir, build_model(config))
+    assert step == 2 and _all_finite(restored)
+
+
+def test_nan_stops_names_the_step_and_keeps_the_last_good_checkpoint(runs):
+    code, text = runs["nan"]
+    assert code not in (0, None), text[-3000:]
+    m = re.search(r"FloatingPointError: (.*) at step (\d+); stopping without saving it\. "
+                  r"The last good checkpoint is step (\d+) in (\S+)\. Lower config\.learning_rate",
+                  text)
+    assert m, text[-3000:]
+    bad_step, good_step = int(m.group(2)), int(m.group(3))
+    workdir = os.path.join(runs["tmp"], "nan")
+    assert m.group(4) == os.path.join(workdir, "checkpoints")
+    assert good_step == bad_step - 1 and bad_step < STEPS
+    steps = _steps(workdir)
+    assert steps[-1] == good_step  # nothing at or after the bad step was saved
+    config = _config(runs["clean"], learning_rate=1e20)
+    model = build_model(config)
+    for step in steps:  # every checkpoint left holds finite parameters
+        restored, _ = checkpoints.restore_attention(config, workdir, model, step)
+        assert _all_finite(restored)
+
+
+def _steps(workdir: str) -> list[int]:
+    ckpt = checkpoints.Checkpointer(workdir)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
+def _all_finite(tree) -> bool:
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_loss_check_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    ckpt = checkpoints.Checkpointer(str(tmp_path), every=1)
+    state = {"params": {"w": np.ones(3, np.float32)}}
+    ckpt.save(3, state, force=True)
+    train.check_finite({"loss": np.float32(1.5)}, 4, ckpt)  # finite: no error
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 5; stopping without "
+                       r"saving it\. The last good checkpoint is step 3 in "):
+        train.check_finite({"loss": np.float32("nan")}, 5, ckpt)
+    bad = TrainState(step=np.int32(6), params={"w": np.array([1.0, np.inf], np.float32)},
+                     batch_stats={}, opt_state=())
+    with pytest.raises(FloatingPointError, match=r"parameters became NaN or infinite at step 6"):
+        train.check_state_finite(bad, 6, ckpt)
+    train.check_state_finite(bad.replace(params={"w": np.ones(2, np.float32)}), 6, ckpt)
+    ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("folder"))
+    make_folder(root, per_class=8)
+    return root
+
+
+def _save_checkpoint_for(config, workdir: str) -> None:
+    """Writes a step-2 checkpoint of a fresh state for `config` (no training needed)."""
+    model = build_model(config)
+    tx = optim.make_optimizer(config.learning_rate, 4)
+    state = TrainState.create(model.init_attention(jax.random.key(0)), tx)
+    ckpt = checkpoints.Checkpointer(workdir, identity=checkpoints.describe(config))
+    ckpt.save(2, state, force=True)
+    ckpt.close()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.backbone", "resnet34", "backbone: checkpoint has 'resnet18', config asks for "
+                                   "'resnet34'"),
+    ("model.num_classes", 7, "num_classes: checkpoint has 10, config asks for 7"),
+])
+def test_checkpoint_of_another_backbone_or_class_count_is_refused(folder, tmp_path, key, value,
+                                                                  message):
+    workdir = str(tmp_path / "run")
+    _save_checkpoint_for(_config(folder), workdir)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=re.escape(message)) as e:
+        train.train_and_evaluate(_config(folder, **{key: value}), workdir)
+    assert "Use another --workdir" in str(e.value)
+    assert _steps(workdir) == [2]  # the checkpoint is left as it was
+
+
+def test_unknown_layer_name_lists_the_valid_ones(folder, tmp_path):
+    config = _config(folder, **{"model.layers": ("layer2", "layer9")})
+    with pytest.raises(ValueError, match=r"Unknown layer name\(s\) \['layer9'\] for backbone "
+                                         r"'resnet18'\. Valid names .*layer3, layer4"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_empty_weights_path_says_what_to_set(folder, tmp_path):
+    config = _config(folder, **{"model.backbone_weights": ""})
+    with pytest.raises(ValueError, match="backbone_weights is empty.*'random'"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_batch_that_does_not_divide_over_the_devices_gives_the_fix(folder, tmp_path):
+    assert jax.device_count() == 8  # tests/conftest.py
+    with pytest.raises(ValueError, match=r"batch_size=12 does not divide by the 8 devices.*"
+                                         r"set --config\.batch_size to a multiple of 8 "
+                                         r"\(e\.g\. 8 or 16\)"):
+        train.train_and_evaluate(_config(folder, batch_size=12), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.model.not_a_key=1",
+     "unknown config key 'config.model.not_a_key' in '--config.model.not_a_key=1': config.model "
+     "has no field 'not_a_key'. Its fields: backbone, backbone_kwargs,"),
+    ("--config.modle.backbone=vgg16",
+     "config has no field 'modle'. Did you mean config.model?"),
+])
+def test_unknown_config_key_on_the_command_line_is_named(tmp_path, flag, message):
+    env = subprocess_env(devices=1)
+    cmd = [sys.executable, "-m", "tame_jax.train", f"--config={CONFIG}",
+           f"--workdir={tmp_path}", flag]
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
