@@ -277,7 +277,12 @@ def _load_config_file(argv: list[str]) -> Any:
     """Returns the config that --config=FILE[:ARG] in argv names (None if there is none)."""
     import runpy
 
-    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    spec = None
+    for i, a in enumerate(argv[1:], 1):
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
     if not spec:
         return None
     path, _, arg = spec.partition(":")

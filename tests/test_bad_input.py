@@ -1,13 +1,15 @@
 """Bad input gets a clear error (or a counted skip) that names the problem and loses nothing.
 
-The broken-JPEG and NaN cases run `python -m tame_jax.train` in subprocesses (1 CPU device);
-the others fail before the first step and run in this process (8 fake devices).
+The broken-JPEG and NaN cases run `python -m tame_jax.train` in subprocesses (1 CPU device,
+one compiled step shared through the compilation cache); the others fail before the first
+step and run in this process (8 fake devices).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +19,7 @@ import pytest
 from _train_worker import CONFIG, REPO, finish, get_config, make_folder, start, subprocess_env
 from _train_worker import train_command as command
 
-from tame_jax import checkpoints, optim, train
+from tame_jax import checkpoints, optim, train, weights
 from tame_jax.model import build_model
 from tame_jax.parallel import TrainState
 
@@ -63,7 +65,7 @@ def _epoch_orders(root: str, seed: int, epochs: int) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Runs the three subprocess runs; returns {name: (returncode, log), ...}."""
+    """Runs the three subprocess runs; returns {name: (returncode, log)} and facts."""
     tmp = tmp_path_factory.mktemp("bad_input")
     env = subprocess_env(devices=1, cache_dir=str(tmp_path_factory.getbasetemp() / "jax_cache"))
     # 16 good images and a truncated JPEG: 17 files, batch 8, so 2 steps per epoch and one
@@ -78,28 +80,30 @@ def runs(tmp_path_factory):
     orders = _epoch_orders(root, seed, STEPS // 2)
     expected_skips = sum(broken in order[:-1] for order in orders)
 
-    clean = str(tmp / "clean")
-    make_folder(clean, per_class=8)
-    cmds = {
-        "skip": command(str(tmp / "skip"), root, f"--config.num_train_steps={STEPS}",
-                        f"--config.seed={seed}", "--config.data.on_bad_image=skip"),
-        "error": command(str(tmp / "error"), root, f"--config.num_train_steps={STEPS}",
-                         f"--config.seed={seed}", "--config.data.on_bad_image=error"),
-        "nan": command(str(tmp / "nan"), clean, f"--config.num_train_steps={STEPS}",
-                       "--config.learning_rate=1e20", "--config.checkpoint_every=1"),
-    }
-    # "skip" and "error" run the same program: the second finds it in the compilation cache.
-    logs = {k: str(tmp / f"{k}.txt") for k in cmds}
-    procs = {k: start(cmds[k], env, logs[k]) for k in ("skip", "nan")}
-    out = {}
-    for k in ("skip", "error", "nan"):
-        if k not in procs:
-            procs[k] = start(cmds[k], env, logs[k])
-        text = finish(procs[k], logs[k], TIMEOUT_S)
-        out[k] = (procs[k].returncode, text)
+    # A backbone whose classifier weights are NaN (same shapes, so the same compiled step).
+    sd = weights.flax_to_torchvision(build_model(_config(root)).backbone_vars)
+    sd["fc.weight"] = np.full_like(sd["fc.weight"], np.nan)
+    nan_weights = str(tmp / "nan_fc.npz")
+    np.savez(nan_weights, **sd)
+
+    common = (f"--config.num_train_steps={STEPS}", f"--config.seed={seed}")
+
+    def run(name: str, *flags: str) -> tuple[int, str]:
+        log = str(tmp / f"{name}.txt")
+        p = start(command(str(tmp / name), root, *common, *flags), env, log)
+        text = finish(p, log, TIMEOUT_S)
+        return p.returncode, text
+
+    # All three run the same program: the first compiles it, the others find it in the cache.
+    out = {"skip": run("skip", "--config.data.on_bad_image=skip"),
+           "error": run("error", "--config.data.on_bad_image=error")}
+    # NaN: resume a copy of the error run's workdir (checkpoint of step 2) with the NaN backbone.
+    shutil.copytree(str(tmp / "error"), str(tmp / "nan"))
+    out["nan"] = run("nan", "--config.data.on_bad_image=skip",
+                     f"--config.model.backbone_weights={nan_weights}")
     error_block = orders[1].index(broken) // 8  # the batch of epoch 1 that holds it
-    return dict(out, tmp=str(tmp), root=root, clean=clean, broken=broken,
-                expected_skips=expected_skips, last_logged_step=2 + error_block)
+    return dict(out, tmp=str(tmp), root=root, broken=broken, expected_skips=expected_skips,
+                last_logged_step=2 + error_block)
 
 
 def test_broken_jpeg_is_skipped_and_counted(runs):
@@ -129,21 +133,16 @@ def test_broken_jpeg_with_on_bad_image_error_names_the_file_and_keeps_the_checkp
 def test_nan_stops_names_the_step_and_keeps_the_last_good_checkpoint(runs):
     code, text = runs["nan"]
     assert code not in (0, None), text[-3000:]
-    m = re.search(r"FloatingPointError: (.*) at step (\d+); stopping without saving it\. "
-                  r"The last good checkpoint is step (\d+) in (\S+)\. Lower config\.learning_rate",
-                  text)
-    assert m, text[-3000:]
-    bad_step, good_step = int(m.group(2)), int(m.group(3))
+    assert "resuming from the checkpoint of step 2" in text
     workdir = os.path.join(runs["tmp"], "nan")
-    assert m.group(4) == os.path.join(workdir, "checkpoints")
-    assert good_step == bad_step - 1 and bad_step < STEPS
-    steps = _steps(workdir)
-    assert steps[-1] == good_step  # nothing at or after the bad step was saved
-    config = _config(runs["clean"], learning_rate=1e20)
-    model = build_model(config)
-    for step in steps:  # every checkpoint left holds finite parameters
-        restored, _ = checkpoints.restore_attention(config, workdir, model, step)
-        assert _all_finite(restored)
+    expected = (f"FloatingPointError: loss became nan at step 3; stopping without saving it. "
+                f"The last good checkpoint is step 2 in {workdir}/checkpoints. "
+                "Lower config.learning_rate")
+    assert expected in text, text[-3000:]
+    assert _steps(workdir) == [2]  # kept, and nothing saved after it
+    config = _config(runs["root"])
+    restored, _ = checkpoints.restore_attention(config, workdir, build_model(config))
+    assert _all_finite(restored)
 
 
 def _steps(workdir: str) -> list[int]:
