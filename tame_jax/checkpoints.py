@@ -9,6 +9,7 @@ A step folder that lacks orbax's commit marker (e.g. copied in part by hand) is 
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import time
 from collections.abc import Mapping
@@ -21,6 +22,22 @@ from absl import logging
 # The fields of `meta` that must agree between a checkpoint and the run that restores it.
 IDENTITY_KEYS = ("backbone", "layers", "variant", "num_classes", "image_size")
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step folder as its last act
+
+
+class _HideOrbaxInfo(pylogging.Filter):
+    """Drops orbax's INFO/DEBUG records (a dozen lines per save); keeps its warnings."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    """Hides orbax's per-save INFO lines from the absl log of a command-line run."""
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _HideOrbaxInfo) for f in handler.filters):
+        handler.addFilter(_HideOrbaxInfo())
 
 
 class CheckpointMismatchError(ValueError):

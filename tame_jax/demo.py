@@ -25,8 +25,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tame_jax import cams, evaluate
+from tame_jax import cams, checkpoints, evaluate
 from tame_jax.image_ops import minmax_normalize
+from tame_jax.train import parse_flags
 
 DEFAULT_METHODS = ("tame", "gradcam", "gradcampp", "scorecam", "ablationcam", "rise")
 GRID_IMAGES = 6
@@ -86,7 +87,7 @@ def write_grid(path: str, config: Any, model: Any, attention_vars: Any,
 
 def run(config: Any, workdir: str, methods: Sequence[str] = DEFAULT_METHODS) -> dict[str, float]:
     """Returns the seconds each stage took; does the whole demo into workdir."""
-    from tame_jax import checkpoints, compare, data, train
+    from tame_jax import compare, data, train
     from tame_jax.model import build_model
 
     unknown = [m for m in methods if m not in evaluate.METHODS]
@@ -124,6 +125,7 @@ def run(config: Any, workdir: str, methods: Sequence[str] = DEFAULT_METHODS) -> 
 
 def main(argv: list[str]) -> None:
     """Entry point for `python -m tame_jax.demo`."""
+    checkpoints.quiet_orbax_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
@@ -146,4 +148,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", "runs/demo", "where everything goes")
     flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "methods to evaluate")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

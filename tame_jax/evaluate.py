@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from tame_jax import cams, checkpoints, metrics
 from tame_jax.image_ops import minmax_normalize
 from tame_jax.parallel import backbone_forward, make_mesh, replicate, shard_batch
+from tame_jax.train import parse_flags
 
 METHODS = ("tame", *cams.METHODS)
 PERCENT_KEYS = ("ad_", "ic_", "road_", "agreement", "pointing", "energy_in_box")
@@ -277,6 +278,7 @@ def run(config: Any, workdir: str, *, method: str = "tame", steps: str = "latest
 
 def main(argv: list[str]) -> None:
     """Entry point for `python -m tame_jax.evaluate`."""
+    checkpoints.quiet_orbax_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
@@ -298,4 +300,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("eval_list", None, "a `relative/path label` list file of eval images")
     flags.DEFINE_string("out", None, "where the tables go (default WORKDIR/eval)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

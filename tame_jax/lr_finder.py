@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tame_jax import optim
+from tame_jax import checkpoints, optim
 from tame_jax.parallel import (
     TrainState,
     check_global_batch,
@@ -30,6 +30,7 @@ from tame_jax.parallel import (
     replicate,
     shard_batch,
 )
+from tame_jax.train import parse_flags
 
 
 def exponential_lr(min_lr: float, max_lr: float, num_steps: int) -> optim.Schedule:
@@ -117,6 +118,7 @@ def write_outputs(result: dict[str, np.ndarray], workdir: str) -> None:
 
 def main(argv: list[str]) -> None:
     """Entry point for `python -m tame_jax.lr_finder`."""
+    checkpoints.quiet_orbax_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
@@ -130,4 +132,4 @@ if __name__ == "__main__":
     flags.DEFINE_float("max_lr", 1.0, "learning rate of the last step")
     flags.DEFINE_integer("num_steps", 200, "length of the sweep")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -331,6 +331,7 @@ def main(argv: list[str]) -> None:
     """Entry point for `python -m tame_jax.train`."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    checkpoints.quiet_orbax_logs()
     config = flags.FLAGS.config
     logging.info("config:\n%s", json.dumps(json.loads(config.to_json_best_effort()), indent=1))
     train_and_evaluate(config, flags.FLAGS.workdir)
