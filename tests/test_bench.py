@@ -15,8 +15,9 @@ def test_quick_bench_reports_all_fields(tmp_path):
     (row,) = result["results"]
     assert (row["backbone"], row["batch"], row["image_size"]) == ("resnet18", 2, 64)
     for name in ("train_full", "train_selective", "explain_full", "explain_selective"):
-        for field in ("seconds", "images_per_s", "gflops_per_image", "flop_utilisation",
-                      "memory_bytes"):
+        for field in ("seconds", "images_per_s", "gflops_per_image", "gflops_per_s",
+                      "flop_utilisation", "flop_utilisation_cpu_time",
+                      "flop_utilisation_vs_best", "memory_bytes"):
             value = row[name][field]
             assert np.isfinite(value) and value > 0, (name, field, value)
         np.testing.assert_allclose(row[name]["images_per_s"] * row[name]["seconds"], 2)
