@@ -38,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.synthetic_config = "default"  # synthetic_shapes size: "default" | "tiny"
     c.data.on_bad_image = "skip"  # | "error"
     c.data.shuffle_buffer = 16_384
+    c.data.num_parallel_calls = 0  # decoding threads per host; 0 = one per CPU core
+    c.data.threads = 0  # tf.data's private thread pool size; 0 = TensorFlow's default
+    c.data.prefetch_batches = 2
 
     c.batch_size = 32  # global, over all devices and hosts
     c.num_epochs = 4
