@@ -14,6 +14,7 @@ the share of map energy inside the box. Results go to OUT/<method>.{csv,json,md}
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import sys
@@ -75,23 +76,28 @@ def make_map_fn(method: str, model: Any, config: Any) -> Callable:
     return fn
 
 
-def make_batch_metrics(map_fn: Callable, model: Any, config: Any, with_boxes: bool) -> Callable:
-    """Returns jitted fn(attention_vars, images, key[, boxes]) -> {column: (B,) per image}."""
-    e = config.eval
+@functools.lru_cache(maxsize=8)
+def batch_metrics_fn(backbone: Any, ad_ic_fractions: tuple[float, ...],
+                     road_fractions: tuple[float, ...], insertion_steps: int, with_boxes: bool
+                     ) -> Callable:
+    """Returns jitted fn(backbone_vars, images, maps, classes, key[, boxes]) -> {column: (B,)}.
 
-    def classify(images):
-        return backbone_forward(model.backbone, model.backbone_vars, images)[0]
+    Cached, and separate from the map computation: every method evaluated in one process (the
+    demo, compare) reuses one compiled program, the costliest compile of the evaluation.
+    """
 
-    def fn(attention_vars, x, key, boxes=None):
-        k_map, k_morf, k_lerf = jax.random.split(key, 3)
-        maps, classes = map_fn(attention_vars, x, k_map)
-        out = metrics.ad_ic(classify, x, maps, classes, tuple(e.ad_ic_fractions))
-        for order, k in (("morf", k_morf), ("lerf", k_lerf)):
-            kept = metrics.road(classify, x, maps, classes, k, tuple(e.road_fractions), order)
-            for i, f in enumerate(e.road_fractions):
-                out[f"road_{order}_{_pct(f)}"] = kept[:, i].astype(jnp.float32)
+    def fn(backbone_vars, x, maps, classes, key, boxes=None):
+        def classify(images):
+            return backbone_forward(backbone, backbone_vars, images)[0]
+
+        out = metrics.ad_ic(classify, x, maps, classes, ad_ic_fractions)
+        orders = ("morf", "lerf")
+        kept = metrics.road_orders(classify, x, maps, classes, key, road_fractions, orders)
+        for j, order in enumerate(orders):
+            for i, f in enumerate(road_fractions):
+                out[f"road_{order}_{_pct(f)}"] = kept[j, :, i].astype(jnp.float32)
         out.update(metrics.insertion_deletion(classify, x, maps, classes,
-                                              num_steps=e.insertion_steps))
+                                              num_steps=insertion_steps))
         masked = classify(x * maps[..., None])
         out["agreement"] = (jnp.argmax(masked, -1) == classes).astype(jnp.float32)
         if with_boxes:
@@ -164,19 +170,21 @@ def evaluate_maps(config: Any, model: Any, method: str, attention_vars: Any = No
     batches = _limited(data.eval_iterator(config, global_batch_size=config.eval.batch_size),
                        config.eval.num_examples, config.eval.batch_size)
     attention_vars = replicate(attention_vars, mesh) if attention_vars is not None else None
-    fns: dict[bool, Callable] = {}
+    backbone_vars = replicate(model.backbone_vars, mesh)
+    map_fn = jax.jit(make_map_fn(method, model, config))
+    e = config.eval
     sums: dict[str, float] = {}
     count = 0
     key = jax.random.key(config.seed)
     progress = Progress(num_batches, label)
     for i, batch in enumerate(batches):
-        with_boxes = "bbox" in batch
-        if with_boxes not in fns:
-            fns[with_boxes] = make_batch_metrics(make_map_fn(method, model, config), model,
-                                                 config, with_boxes)
+        metrics_fn = batch_metrics_fn(model.backbone, tuple(e.ad_ic_fractions),
+                                      tuple(e.road_fractions), e.insertion_steps, "bbox" in batch)
         arrays = shard_batch({k: batch[k] for k in ("image", "bbox") if k in batch}, mesh)
-        out = fns[with_boxes](attention_vars, arrays["image"], jax.random.fold_in(key, i),
-                              arrays.get("bbox"))
+        k_map, k_metrics = jax.random.split(jax.random.fold_in(key, i))
+        maps, classes = map_fn(attention_vars, arrays["image"], k_map)
+        out = metrics_fn(backbone_vars, arrays["image"], maps, classes, k_metrics,
+                         arrays.get("bbox"))
         valid = np.asarray(batch["valid"], np.float64)
         for k, v in out.items():
             local = _local_rows(v)[: len(valid)]
