@@ -1,10 +1,9 @@
 """Baseline explanation methods in JAX: Grad-CAM, Grad-CAM++, Score-CAM, Ablation-CAM, RISE.
 
-Every method takes a backbone that follows the `tame_jax.backbones` contract,
-`module.apply(variables, norm(x), train=False) -> (logits (B, K), {layer: fmap (B, h, w, C)})`,
-where every returned feature map passes through `self.perturb(perturb_name(layer), fmap)`.
-Gradients w.r.t. a feature map are gradients w.r.t. a zero perturbation, and a channel is
-ablated by adding minus itself. Images are in [0, 1]; the methods normalise them.
+Every method takes a `tame_jax.model.Model` (any registered backbone) and a layer name; the
+backbone taps that layer (`Model.with_taps`), and its 'perturbations' collection gives the
+gradient w.r.t. the feature map (of a zero perturbation) and ablates a channel (by adding minus
+itself). Images are in [0, 1]; the methods normalise them with the model's mean and std.
 
 All maps come back at image resolution (B, H, W), raw (not min-max normalised). The CAM maps
 are computed at feature resolution, ReLU'd, and upsampled bilinearly (half-pixel centres).
@@ -17,84 +16,44 @@ Conventions follow the papers and the `grad-cam` PyTorch package (jacobgil):
 - Ablation-CAM: w_k = (y^c - y^c_k) / y^c, where y^c_k is the logit with channel k set to 0.
 - RISE: saliency = sum_i P(c | norm(x) * m_i) m_i / (N p), masks as in Petsiuk et al. 2018.
 
-Wrap a method with `functools.partial` (method, module, layer and chunk sizes bound) and
-`jax.jit` it, or use `make_cam_fn`.
+`make_cam_fn(method, layer=...)` gives a jitted fn(model, x, classes, key) for one method.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from tame_jax.image_ops import normalize, resize_bilinear
-
-try:  # the backbone package exports the canonical name mapping
-    from tame_jax.backbones import perturb_name
-except ImportError:  # pragma: no cover - fallback while the backbones package is absent
-
-    def perturb_name(layer: str) -> str:
-        """Returns the Flax perturbation name of a torchvision-style layer name."""
-        return layer.replace(".", "_")
-
+from tame_jax.backbones import perturb_name
+from tame_jax.image_ops import resize_bilinear
+from tame_jax.model import Model
 
 METHODS = ("gradcam", "gradcampp", "scorecam", "ablationcam", "rise")
-
-Variables = Mapping[str, Any]
 
 
 # ----------------------------------------------------------------------------- plumbing
 
 
-def _base(variables: Variables) -> dict[str, Any]:
-    """Returns the variables without any 'perturbations' collection."""
-    return {k: v for k, v in variables.items() if k != "perturbations"}
-
-
-def _zero_perturbations(module: Any, variables: Variables, xn: jax.Array) -> dict[str, Any]:
-    """Returns zeros for every perturbation the module makes on inputs shaped like xn."""
-    # Flax refuses a 'perturbations' collection that lacks any of the module's perturbations,
-    # so every forward pass gets a full set (shapes found by abstract evaluation, no compute).
-    def init(v, x):
-        return module.apply(v, x, train=False, mutable=["perturbations"])
-
-    _, state = jax.eval_shape(init, _base(variables), xn)
-    shapes = dict(state.get("perturbations", {}))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def _forward(
-    module: Any, variables: Variables, xn: jax.Array, layer: str, delta: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
+def _forward(model: Model, xn: jax.Array, layer: str, delta: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
     """Returns (logits (B, K), fmap (B, h, w, C) of layer); delta is added to that fmap."""
-    if delta is None:
-        logits, feats = module.apply(_base(variables), xn, train=False)
-    else:
-        pert = _zero_perturbations(module, variables, xn)
-        name = perturb_name(layer)
-        if name not in pert:
-            raise ValueError(
-                f"layer {layer!r}: no perturbation {name!r} in the module; it has {sorted(pert)}"
-            )
-        pert[name] = delta
-        logits, feats = module.apply({**_base(variables), "perturbations": pert}, xn, train=False)
-    if layer not in feats:
-        raise ValueError(f"layer {layer!r} not returned by the backbone; it has {sorted(feats)}")
+    tapped = model.with_taps((layer,))
+    perturbations = None if delta is None else {perturb_name(layer): delta}
+    logits, feats = tapped.apply_backbone(xn, perturbations=perturbations)
     return logits, feats[layer]
 
 
-def _activations_and_grads(
-    module: Any, variables: Variables, xn: jax.Array, classes: jax.Array, layer: str
-) -> tuple[jax.Array, jax.Array]:
+def _activations_and_grads(model: Model, xn: jax.Array, classes: jax.Array, layer: str
+                           ) -> tuple[jax.Array, jax.Array]:
     """Returns (A, dy^c/dA), both (B, h, w, C); y^c is the pre-softmax logit of classes."""
-    shape = jax.eval_shape(lambda v, x: _forward(module, v, x, layer, None)[1], variables, xn)
+    shape = jax.eval_shape(lambda x: _forward(model, x, layer)[1], xn)
 
     def score(delta):
-        logits, fmap = _forward(module, variables, xn, layer, delta)
+        logits, fmap = _forward(model, xn, layer, delta)
         y = jnp.take_along_axis(logits, classes[:, None], axis=1)  # (B, 1)
         return y.sum(), fmap  # images are independent (eval mode): the sum separates them
 
@@ -118,27 +77,24 @@ def _chunked_map(fn: Callable[[jax.Array], jax.Array], total: int, chunk: int) -
     return out.reshape((n * chunk,) + out.shape[2:])[:total]
 
 
-def _prepare(x: jax.Array, classes: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns (norm(x) (B, H, W, 3), classes (B,) int32)."""
-    return normalize(jnp.asarray(x)), jnp.asarray(classes, jnp.int32).reshape(-1)
+def _prepare(model: Model, x: jax.Array, classes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (normalised x (B, H, W, 3), classes (B,) int32)."""
+    return model.normalize(jnp.asarray(x)), jnp.asarray(classes, jnp.int32).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- gradient CAMs
 
 
-def gradcam(
-    module: Any, variables: Variables, x: jax.Array, classes: jax.Array, *, layer: str
-) -> jax.Array:
+def gradcam(model: Model, x: jax.Array, classes: jax.Array, *, layer: str) -> jax.Array:
     """Returns Grad-CAM maps (B, H, W) for classes (B,) of images x (B, H, W, 3) in [0, 1]."""
-    xn, classes = _prepare(x, classes)
-    fmap, grads = _activations_and_grads(module, variables, xn, classes, layer)
+    xn, classes = _prepare(model, x, classes)
+    fmap, grads = _activations_and_grads(model, xn, classes, layer)
     weights = grads.mean(axis=(1, 2))  # (B, C)
     return _weighted_map(fmap, weights, x.shape[1:3])
 
 
 def gradcampp(
-    module: Any,
-    variables: Variables,
+    model: Model,
     x: jax.Array,
     classes: jax.Array,
     *,
@@ -146,8 +102,8 @@ def gradcampp(
     eps: float = 1e-6,
 ) -> jax.Array:
     """Returns Grad-CAM++ maps (B, H, W) for classes (B,) of images x (B, H, W, 3) in [0, 1]."""
-    xn, classes = _prepare(x, classes)
-    fmap, g = _activations_and_grads(module, variables, xn, classes, layer)
+    xn, classes = _prepare(model, x, classes)
+    fmap, g = _activations_and_grads(model, xn, classes, layer)
     g2 = g * g
     sum_a = fmap.sum(axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
     alpha = g2 / (2.0 * g2 + sum_a * g2 * g + eps)
@@ -160,8 +116,7 @@ def gradcampp(
 
 
 def scorecam(
-    module: Any,
-    variables: Variables,
+    model: Model,
     x: jax.Array,
     classes: jax.Array,
     *,
@@ -169,8 +124,8 @@ def scorecam(
     batch_chunk: int = 32,
 ) -> jax.Array:
     """Returns Score-CAM maps (B, H, W); batch_chunk masked images go through each forward."""
-    xn, classes = _prepare(x, classes)
-    _, fmap = _forward(module, variables, xn, layer, None)  # (B, h, w, C)
+    xn, classes = _prepare(model, x, classes)
+    _, fmap = _forward(model, xn, layer)  # (B, h, w, C)
     b, _, _, c = fmap.shape
     size = x.shape[1:3]
 
@@ -181,7 +136,7 @@ def scorecam(
         lo = up.min(axis=(1, 2, 3), keepdims=True)
         hi = up.max(axis=(1, 2, 3), keepdims=True)
         mask = (up - lo) / (hi - lo + 1e-8)
-        logits, _ = _forward(module, variables, xn[bi] * mask, layer, None)
+        logits, _ = _forward(model, xn[bi] * mask, layer)
         return jnp.take_along_axis(logits, classes[bi][:, None], axis=1)[:, 0]  # (n,)
 
     s = _chunked_map(scores, b * c, batch_chunk).reshape(b, c)
@@ -190,8 +145,7 @@ def scorecam(
 
 
 def ablationcam(
-    module: Any,
-    variables: Variables,
+    model: Model,
     x: jax.Array,
     classes: jax.Array,
     *,
@@ -199,8 +153,8 @@ def ablationcam(
     channel_chunk: int = 32,
 ) -> jax.Array:
     """Returns Ablation-CAM maps (B, H, W); channel_chunk ablated copies go through a forward."""
-    xn, classes = _prepare(x, classes)
-    logits, fmap = _forward(module, variables, xn, layer, None)  # (B, K), (B, h, w, C)
+    xn, classes = _prepare(model, x, classes)
+    logits, fmap = _forward(model, xn, layer)  # (B, K), (B, h, w, C)
     b, _, _, c = fmap.shape
     y = jnp.take_along_axis(logits, classes[:, None], axis=1)[:, 0]  # (B,)
 
@@ -208,7 +162,7 @@ def ablationcam(
         bi, ki = items // c, items % c
         a = fmap[bi]  # (n, h, w, C)
         delta = -a * jax.nn.one_hot(ki, c, dtype=a.dtype)[:, None, None, :]
-        out, _ = _forward(module, variables, xn[bi], layer, delta)
+        out, _ = _forward(model, xn[bi], layer, delta)
         return jnp.take_along_axis(out, classes[bi][:, None], axis=1)[:, 0]  # (n,)
 
     y_k = _chunked_map(ablated, b * c, channel_chunk).reshape(b, c)
@@ -239,8 +193,7 @@ def rise_masks(
 
 
 def rise(
-    module: Any,
-    variables: Variables,
+    model: Model,
     x: jax.Array,
     classes: jax.Array,
     *,
@@ -255,7 +208,7 @@ def rise(
     del layer  # RISE is black-box; the argument is accepted for a uniform API
     if key is None:
         raise ValueError("rise needs a PRNG key")
-    xn, classes = _prepare(x, classes)
+    xn, classes = _prepare(model, x, classes)
     size = x.shape[1:3]
     chunk = max(1, min(chunk, num_masks))
     n_chunks = math.ceil(num_masks / chunk)
@@ -267,7 +220,7 @@ def rise(
 
         def per_image(args):  # one image against the chunk of masks
             xi, ci_ = args  # (H, W, 3), ()
-            logits, _ = module.apply(_base(variables), xi[None] * masks[..., None], train=False)
+            logits, _ = model.apply_backbone(xi[None] * masks[..., None])
             return jax.nn.softmax(logits, axis=-1)[:, ci_]  # (n,)
 
         probs = jax.lax.map(per_image, (xn, classes))  # (B, n)
@@ -291,8 +244,7 @@ _FUNCS: dict[str, Callable[..., jax.Array]] = {
 
 def cam(
     method: str,
-    module: Any,
-    variables: Variables,
+    model: Model,
     x: jax.Array,
     classes: jax.Array,
     *,
@@ -304,12 +256,14 @@ def cam(
     if method not in _FUNCS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "rise":
-        return rise(module, variables, x, classes, key=key, layer=layer, **kwargs)
-    return _FUNCS[method](module, variables, x, classes, layer=layer, **kwargs)
+        return rise(model, x, classes, key=key, layer=layer, **kwargs)
+    return _FUNCS[method](model, x, classes, layer=layer, **kwargs)
 
 
-def make_cam_fn(
-    method: str, module: Any, *, layer: str, **kwargs: Any
-) -> Callable[..., jax.Array]:
-    """Returns jitted fn(variables, x, classes, key=None) -> maps (B, H, W) for one method."""
-    return jax.jit(functools.partial(cam, method, module, layer=layer, **kwargs))
+def make_cam_fn(method: str, *, layer: str, **kwargs: Any) -> Callable[..., jax.Array]:
+    """Returns jitted fn(model, x, classes, key=None) -> raw maps (B, H, W) of one method."""
+
+    def fn(model: Model, x: jax.Array, classes: jax.Array, key: jax.Array | None = None):
+        return cam(method, model, x, classes, layer=layer, key=key, **kwargs)
+
+    return jax.jit(fn)

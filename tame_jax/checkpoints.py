@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -95,31 +96,47 @@ def set_aside_incomplete(directory: str) -> list[str]:
     return moved
 
 
+def _committed(directory: str, steps: list[int]) -> list[int]:
+    """Returns the steps whose folder has orbax's commit marker (all, if none has one)."""
+    marked = [s for s in steps if os.path.exists(os.path.join(directory, str(s), COMMIT_MARKER))]
+    return marked if marked else steps
+
+
 class Checkpointer:
-    """Saves every `every` steps (and on request), keeps the last `keep`, restores the latest."""
+    """Saves every `every` steps (and on request), keeps the last `keep`, restores the latest.
+
+    read_only=True (evaluate, explain): nothing in the workdir is created, renamed or deleted,
+    so it is safe while a trainer writes there; unfinished step folders are skipped.
+    """
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, every: int = 1000,
-                 identity: Mapping[str, Any] | None = None):
+                 identity: Mapping[str, Any] | None = None, read_only: bool = False):
         self.directory = os.path.join(os.fspath(os.path.abspath(workdir)), "checkpoints")
         self.every = max(1, int(every))
         self.identity = dict(identity or {})
-        if jax.process_index() == 0:
-            set_aside_incomplete(self.directory)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        self.read_only = read_only
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            if jax.process_index() == 0:
+                set_aside_incomplete(self.directory)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("tame_jax checkpoints listed")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+                multihost_utils.sync_global_devices("tame_jax checkpoints listed")
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         """Returns the step of the newest complete checkpoint, or None."""
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
         """Returns the steps of all complete checkpoints, oldest first."""
-        return sorted(self.manager.all_steps())
+        steps = sorted(self.manager.all_steps())
+        return _committed(self.directory, steps) if self.read_only else steps
 
     def save(self, step: int, state: Any, *, force: bool = False, extra: Mapping | None = None
              ) -> bool:
@@ -138,20 +155,30 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"]
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, int]:
+    def restore(self, target: Any, step: int | None = None, *, partial: bool = False
+                ) -> tuple[Any, int]:
         """Returns (state, step) restored from `step` (default latest) into the target's structure.
 
         `target` is a state with the right structure (abstract or concrete); its shardings are
-        used for the restored arrays. Raises CheckpointMismatchError if the checkpoint was made
-        for another backbone, variant, layer list or class count.
+        used for the restored arrays. partial=True: `target` names a part of the saved state
+        (e.g. only params and batch_stats), and only that part is read. Raises
+        CheckpointMismatchError if the checkpoint was made for another backbone, variant, layer
+        list or class count.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         check_identity(self.meta(step), self.identity, self.directory)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))
+        if partial:
+            args = ocp.args.PyTreeRestore(
+                item=abstract, partial_restore=True,
+                restore_args=jax.tree_util.tree_map(
+                    lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding) if s.sharding is not None
+                    else ocp.RestoreArgs(restore_type=np.ndarray), abstract))
+        else:
+            args = ocp.args.StandardRestore(abstract)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
         return restored["state"], step
 
     def wait(self) -> None:
@@ -160,21 +187,26 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
-        self.manager.wait_until_finished()
+        if not self.read_only:
+            self.manager.wait_until_finished()
         self.manager.close()
 
 
 def restore_attention(config: Any, workdir: str | os.PathLike, model: Any,
                       step: int | None = None) -> tuple[dict[str, Any], int]:
-    """Returns (attention variables, step) from a training workdir (default: latest step)."""
-    from tame_jax import optim
-    from tame_jax.parallel import TrainState
+    """Returns (attention variables, step) from a training workdir (default: latest step).
 
-    tx = optim.make_optimizer(config.learning_rate, 100)  # only the state's structure matters
-    template = TrainState.create(model.init_attention(jax.random.key(0)), tx)
-    ckpt = Checkpointer(workdir, identity=describe(config))
+    Reads only the attention parameters and BatchNorm statistics: no optimiser state is built
+    or read, and the workdir is opened read-only.
+    """
+    template = jax.eval_shape(model.init_attention, jax.random.key(0))
+    target = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
+    ckpt = Checkpointer(workdir, identity=describe(config), read_only=True)
     try:
-        state, step = ckpt.restore(template, step)
+        if step is not None and step not in ckpt.all_steps():
+            raise FileNotFoundError(f"no complete checkpoint of step {step} in {ckpt.directory}; "
+                                    f"available steps: {ckpt.all_steps()}")
+        variables, step = ckpt.restore(target, step, partial=True)
     finally:
         ckpt.close()
-    return {"params": state.params, "batch_stats": state.batch_stats}, step
+    return dict(variables), step

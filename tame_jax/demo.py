@@ -22,77 +22,44 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from tame_jax import cams, checkpoints, evaluate
-from tame_jax.image_ops import minmax_normalize
-from tame_jax.train import parse_flags
+from tame_jax import checkpoints, cli, evaluation, report, viz
+from tame_jax.model import Model
 
 DEFAULT_METHODS = ("tame", "gradcam", "gradcampp", "scorecam", "ablationcam", "rise")
 GRID_IMAGES = 6
 
 
-def method_maps(method: str, model: Any, config: Any, attention_vars: Any, images: jax.Array,
-                classes: jax.Array) -> np.ndarray:
-    """Returns (B, H, W) maps in [0, 1] of one method for the given classes."""
-    if method == "tame":
-        return np.asarray(model.explain(attention_vars, images, classes)[0])
-    layer = config.eval.cam_layer or model.layers[-1]
-    kwargs = {"num_masks": config.eval.rise_masks} if method == "rise" else {}
-    raw = cams.cam(method, model.backbone, model.backbone_vars, images, classes, layer=layer,
-                   key=jax.random.key(0), **kwargs)
-    return np.asarray(minmax_normalize(raw))
-
-
 def write_grid(path: str, config: Any, model: Any, attention_vars: Any,
                methods: Sequence[str], num_images: int = GRID_IMAGES) -> None:
     """Writes a grid: a row per test image, the image then one column per method's overlay."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.patches as patches
-    import matplotlib.pyplot as plt
-
     from tame_jax import data
-    from tame_jax.explain import class_names_for, draw_overlay
+    from tame_jax.explain import class_names_for
 
     batch = next(data.eval_iterator(config, global_batch_size=max(num_images, 8),
                                     process_index=0, process_count=1))
     images = jnp.asarray(batch["image"][:num_images])
-    logits, _ = model.features(images)
-    probs = np.asarray(jax.nn.softmax(logits, -1))
-    classes = jnp.argmax(logits, -1)
+    probs = np.asarray(jax.nn.softmax(jax.jit(Model.classify)(model, images), -1))
     names = class_names_for(config)
-    maps = {m: method_maps(m, model, config, attention_vars, images, classes) for m in methods}
-    fig, axes = plt.subplots(num_images, len(methods) + 1,
-                             figsize=(2.2 * (len(methods) + 1), 2.3 * num_images), squeeze=False)
-    for i in range(num_images):
-        ax = axes[i, 0]
-        ax.imshow(np.asarray(images[i]))
-        c = int(classes[i])
-        ax.set_title(f"{names[c]} (p={probs[i, c]:.2f})", fontsize=8)
-        ax.axis("off")
-        if "bbox" in batch:
-            y0, x0, y1, x1 = batch["bbox"][i]
-            ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
-                                           edgecolor="lime", linewidth=1.5))
-        for j, m in enumerate(methods):
-            draw_overlay(axes[i, j + 1], np.asarray(images[i]), maps[m][i],
-                         m if i == 0 else "", colorbar=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    maps = {}
+    for m in methods:
+        maps_of = evaluation.map_fn(m, config)
+        maps[m] = np.asarray(maps_of(model, attention_vars, images, jax.random.key(0))[0])
+    classes = probs.argmax(-1)
+    titles = [f"{names[c]} (p={probs[i, c]:.2f})" for i, c in enumerate(classes)]
+    viz.write_grid(path, np.asarray(images), maps, titles,
+                   batch["bbox"][:num_images] if "bbox" in batch else None)
 
 
 def run(config: Any, workdir: str, methods: Sequence[str] = DEFAULT_METHODS) -> dict[str, float]:
     """Returns the seconds each stage took; does the whole demo into workdir."""
-    from tame_jax import compare, data, train
+    from tame_jax import data, train
     from tame_jax.model import build_model
 
-    unknown = [m for m in methods if m not in evaluate.METHODS]
+    unknown = [m for m in methods if m not in evaluation.METHODS]
     if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {evaluate.METHODS}")
+        raise ValueError(f"--methods: unknown {unknown}; choose from {tuple(evaluation.METHODS)}")
     times: dict[str, float] = {}
     t = time.perf_counter()
     if config.data.source == "synthetic_shapes":
@@ -107,13 +74,12 @@ def run(config: Any, workdir: str, methods: Sequence[str] = DEFAULT_METHODS) -> 
     eval_dir = os.path.join(workdir, "eval")
     for m in methods:
         t = time.perf_counter()
-        evaluate.run(config, workdir, method=m, steps="latest", out_dir=eval_dir)
+        evaluation.run(config, workdir, method=m, steps="latest", out_dir=eval_dir)
         times[f"eval {m}"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    names = [config.model.variant if m == "tame" and config.model.variant != "tame" else m
-             for m in methods]
-    table = compare.compare([os.path.join(eval_dir, f"{n}.json") for n in names], eval_dir)
+    names = [evaluation.row_name(config, m) for m in methods]
+    table = report.compare([os.path.join(eval_dir, f"{n}.json") for n in names], eval_dir)
     model = build_model(config)
     attention_vars, _ = checkpoints.restore_attention(config, workdir, model)
     write_grid(os.path.join(workdir, "demo_grid.png"), config, model, attention_vars, methods)
@@ -123,14 +89,11 @@ def run(config: Any, workdir: str, methods: Sequence[str] = DEFAULT_METHODS) -> 
     return times
 
 
-def main(argv: list[str]) -> None:
+def main(config: Any, workdir: str) -> None:
     """Entry point for `python -m tame_jax.demo`."""
-    checkpoints.quiet_orbax_logs()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
     methods = [m for m in flags.FLAGS.methods.split(",") if m]
-    times = run(flags.FLAGS.config, flags.FLAGS.workdir, methods)
+    times = run(config, workdir, methods)
     total = time.perf_counter() - start
     print("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
           + f"; total {total:.0f}")
@@ -144,8 +107,7 @@ def _default_config_path() -> str:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", _default_config_path(), "config file",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", "runs/demo", "where everything goes")
+    cli.define_flags(config=_default_config_path(), workdir="runs/demo",
+                     workdir_help="where everything goes")
     flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "methods to evaluate")
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

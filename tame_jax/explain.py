@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tame_jax import checkpoints
+from tame_jax import checkpoints, viz
 from tame_jax.config import default_config
+from tame_jax.model import Model, build_model
 
 
 @functools.cache
@@ -79,13 +80,11 @@ class Explainer:
         self.model = model
         self.attention_vars = attention_vars
         self.class_names = class_names_for(config)
-        self._explain = jax.jit(model.explain)
+        self._explain = jax.jit(Model.explain)  # the model is an argument: no baked-in weights
 
     @classmethod
     def from_checkpoint(cls, workdir: str, step: int | None = None) -> Explainer:
         """Returns the explainer of a training workdir (its config.json and checkpoint)."""
-        from tame_jax.model import build_model
-
         path = os.path.join(workdir, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: is {workdir} a tame_jax.train workdir?")
@@ -102,7 +101,6 @@ class Explainer:
                                backbone_kwargs: dict | None = None) -> Explainer:
         """Returns the explainer of an attention checkpoint of the reference PyTorch release."""
         from tame_jax import backbones, weights
-        from tame_jax.model import build_model
 
         config = default_config()
         config.model.backbone = backbone
@@ -113,7 +111,7 @@ class Explainer:
         config.data.image_size = image_size
         config.data.resize_size = max(image_size, config.data.resize_size * image_size // 224)
         model = build_model(config)
-        template = model.init_attention(jax.random.key(0))
+        template = jax.eval_shape(model.init_attention, jax.random.key(0))
         attention_vars = weights.load_tame_checkpoint(path, template)
         return cls(config, model, attention_vars)
 
@@ -131,40 +129,14 @@ class Explainer:
             if classes.min() < 0 or classes.max() >= k:
                 raise ValueError(f"classes must be in [0, {k}), got {classes.tolist()}")
             classes = jnp.asarray(classes)
-        maps, cls_, logits = self._explain(self.attention_vars, jnp.asarray(images), classes)
+        maps, cls_, logits = self._explain(self.model, self.attention_vars, jnp.asarray(images),
+                                           classes)
         return np.asarray(maps), np.asarray(cls_), np.asarray(jax.nn.softmax(logits, -1))
 
     def __call__(self, images: np.ndarray, classes: Sequence[int] | int | None = None
                  ) -> np.ndarray:
         """Returns maps (B, H, W) in [0, 1] for the given (default: top-1) classes."""
         return self.explain(images, classes)[0]
-
-
-def draw_overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str = "",
-                 colorbar: bool = True) -> None:
-    """Draws heat (H, W) in [0, 1] over image (H, W, 3) on a matplotlib axis."""
-    ax.imshow(image)
-    im = ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-
-
-def write_overlay(path: str, image: np.ndarray, maps: Sequence[np.ndarray],
-                  titles: Sequence[str]) -> None:
-    """Writes one PNG with a panel (overlay + colour bar) per map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 4), squeeze=False)
-    for ax, heat, title in zip(axes[0], maps, titles, strict=True):
-        draw_overlay(ax, image, heat, title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def explain_files(explainer: Explainer, paths: Sequence[str], out_dir: str, *,
@@ -190,7 +162,8 @@ def explain_files(explainer: Explainer, paths: Sequence[str], out_dir: str, *,
         maps = explainer(np.repeat(image[None], len(classes), 0), classes)
         titles = [f"{names[c]} (p={probs[0, c]:.2f})" for c in classes]
         stem = os.path.splitext(os.path.basename(path))[0]
-        write_overlay(os.path.join(out_dir, f"{stem}_tame.png"), image, list(maps), titles)
+        viz.write_overlay(os.path.join(out_dir, f"{stem}_tame.png"), image, list(maps),
+                          titles)
         if save_npy:
             np.save(os.path.join(out_dir, f"{stem}_maps.npy"), maps)
         print(f"{path}: {', '.join(titles)} -> {out_dir}/{stem}_tame.png")

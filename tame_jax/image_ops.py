@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def normalize(x: jax.Array) -> jax.Array:
-    """Returns ImageNet mean/std normalised images; x is (B, H, W, 3) in [0, 1]."""
-    mean = jnp.asarray(IMAGENET_MEAN, dtype=x.dtype)
-    std = jnp.asarray(IMAGENET_STD, dtype=x.dtype)
-    return (x - mean) / std
+def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """Returns (x - mean) / std per channel; x is (B, H, W, 3) in [0, 1]."""
+    return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -18,19 +18,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from tame_jax import checkpoints, optim
-from tame_jax.parallel import (
-    TrainState,
-    check_global_batch,
-    make_mesh,
-    make_train_step,
-    replicate,
-    shard_batch,
-)
-from tame_jax.train import parse_flags
+from tame_jax import cli, optim
+from tame_jax.sharding import check_global_batch, make_mesh, replicate, shard_batch
+from tame_jax.train_step import init_state, make_train_step
 
 
 def exponential_lr(min_lr: float, max_lr: float, num_steps: int) -> optim.Schedule:
@@ -62,18 +54,16 @@ def run(config: Any, workdir: str, *, min_lr: float, max_lr: float, num_steps: i
     model = build_model(config)
     schedule = exponential_lr(min_lr, max_lr, num_steps)
     tx = optim.make_optimizer(schedule, momentum=0.9)
-    state = replicate(TrainState.create(model.init_attention(jax.random.key(config.seed)), tx),
-                      mesh)
-    step_fn = make_train_step(mesh, backbone=model.backbone, attention=model.attention, tx=tx,
-                              layers=model.layers, backbone_mode=config.model.backbone_mode,
+    state = init_state(model, tx, jax.random.key(config.seed), mesh)
+    step_fn = make_train_step(mesh, tx, backbone_mode=config.model.backbone_mode,
                               selective_fusion=config.model.selective_fusion)
-    backbone_vars = replicate(model.backbone_vars, mesh)
+    model = replicate(model, mesh)
     batches = data.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed)
     key = jax.random.key(config.seed)
     lrs, losses = [], []
     for step in range(num_steps):
         images = shard_batch({"image": next(batches)["image"]}, mesh)["image"]
-        state, metrics = step_fn(state, backbone_vars, images, jax.random.fold_in(key, step))
+        state, metrics = step_fn(state, model, images, jax.random.fold_in(key, step))
         loss = float(metrics["loss"])
         lrs.append(float(schedule(step)))
         losses.append(loss)
@@ -116,20 +106,15 @@ def write_outputs(result: dict[str, np.ndarray], workdir: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> None:
+def main(config: Any, workdir: str) -> None:
     """Entry point for `python -m tame_jax.lr_finder`."""
-    checkpoints.quiet_orbax_logs()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    run(f.config, f.workdir, min_lr=f.min_lr, max_lr=f.max_lr, num_steps=f.num_steps)
+    run(config, workdir, min_lr=f.min_lr, max_lr=f.max_lr, num_steps=f.num_steps)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "path to a config file", lock_config=True)
-    flags.DEFINE_string("workdir", None, "where lr_finder.csv and lr_finder.png go")
+    cli.define_flags(workdir_help="where lr_finder.csv and lr_finder.png go")
     flags.DEFINE_float("min_lr", 1e-7, "learning rate of the first step")
     flags.DEFINE_float("max_lr", 1.0, "learning rate of the last step")
     flags.DEFINE_integer("num_steps", 200, "length of the sweep")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

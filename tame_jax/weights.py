@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,26 +96,23 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return _to_numpy_dict(obj, path)
 
 
-# --- torchvision / timm backbones ---
+# --- conversion into Flax variables ---
 
-# (collection, Flax leaf) -> torchvision parameter name.
-_TV_LEAF_NAMES = {
+# (collection, Flax leaf) -> PyTorch parameter name, for every module family and the TAME
+# attention module alike.
+LEAF_NAMES = {
     ("params", "kernel"): "weight",
     ("params", "bias"): "bias",
     ("params", "scale"): "weight",
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
 }
-_TIMM_VGG_RENAMES = {"pre_logits.fc1.": "classifier.0.", "pre_logits.fc2.": "classifier.3.",
-                     "head.fc.": "classifier.6."}
+_IGNORED_SUFFIX = ".num_batches_tracked"  # PyTorch BatchNorm's counter: no Flax counterpart
+
+KeyOf = Callable[[str, tuple[str, ...]], str]
 
 
-def _tv_module(path: tuple[str, ...]) -> str:
-    """Returns the torchvision module path of a Flax path: (layer1_0, conv1) -> layer1.0.conv1."""
-    return ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path)
-
-
-def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Returns the torch shape of a Flax leaf: HWIO conv -> OIHW, (in, out) linear -> (out, in)."""
     if leaf == "kernel" and len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
@@ -124,57 +121,65 @@ def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _from_timm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Returns a timm VGG state dict (pre_logits.fc1/fc2 convs, head.fc) in torchvision naming."""
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in _TIMM_VGG_RENAMES.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-                if key.endswith(".weight") and np.ndim(value) == 4:  # conv -> linear weight
-                    value = np.reshape(value, (value.shape[0], -1))
-        out[key] = value
-    return out
+def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
+    """Returns a torch tensor in Flax layout (OIHW -> HWIO, (out, in) -> (in, out))."""
+    if leaf == "kernel":
+        return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+    return value
 
 
-def torchvision_to_flax(
-    backbone_name: str, state_dict: Mapping[str, Any], template: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Returns variables {'params', 'batch_stats'} like `template`, filled from a state dict.
+def _to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
+    """Returns a Flax leaf in torch layout (the inverse of `_to_flax`)."""
+    if leaf == "kernel":
+        return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    return value
 
-    state_dict: torchvision naming (timm's `resnet*.tv_in1k` has the same keys; timm's VGG
-    naming `pre_logits.fc1/fc2`, `head.fc` is detected and converted). template: the module's
-    variables or their shapes (`init_backbone` or `jax.eval_shape`). Conv OIHW -> HWIO, linear
-    (out, in) -> (in, out); `num_batches_tracked` is ignored. Raises ValueError naming every
-    missing key, unexpected key and shape mismatch.
+
+def convert_state_dict(state_dict: Mapping[str, Any], template: Mapping[str, Any],
+                       key_of: KeyOf, *, title: str, hint: str,
+                       layouts: Mapping[str, Callable] | None = None) -> dict[str, Any]:
+    """Returns variables like `template` ({'params', 'batch_stats'}) filled from a state dict.
+
+    key_of(collection, flax path) names the state-dict entry of each template leaf; `layouts`
+    may map such names to a function turning the stored tensor into the Flax layout (default:
+    OIHW -> HWIO kernels, (out, in) -> (in, out) linear weights). `num_batches_tracked` entries
+    are ignored. Raises ValueError titled `title`, naming every missing key, unexpected key and
+    shape mismatch, and ending with `hint`.
     """
-    if any(k.startswith(("pre_logits.", "head.fc.")) for k in state_dict):
-        state_dict = _from_timm(state_dict)
-    given = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
-    out: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
+    layouts = layouts or {}
+    out: dict[str, Any] = {}
     used: set[str] = set()
     missing, mismatched = [], []
     for collection in ("params", "batch_stats"):
-        flat = traverse_util.flatten_dict(dict(template.get(collection, {})))
+        flat = traverse_util.flatten_dict(dict(template.get(collection, {}) or {}))
         converted = {}
         for path, spec in flat.items():
-            key = f"{_tv_module(path[:-1])}.{_TV_LEAF_NAMES[(collection, path[-1])]}"
-            want = _torch_shape(path[-1], tuple(spec.shape))
+            key = key_of(collection, path)
             if key not in given:
+                want = torch_shape(path[-1], tuple(spec.shape))
                 missing.append(f"{key} {want}")
                 continue
             used.add(key)
             value = np.asarray(given[key])
-            if value.shape != want:
-                mismatched.append(f"{key}: file has {value.shape}, model expects {want}")
+            to_flax = layouts.get(key, lambda v, leaf=path[-1]: _to_flax(leaf, v))
+            if key not in layouts and value.shape != torch_shape(path[-1], tuple(spec.shape)):
+                mismatched.append(f"{key}: file has {value.shape}, model expects "
+                                  f"{torch_shape(path[-1], tuple(spec.shape))}")
                 continue
-            if path[-1] == "kernel":
-                value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+            value = to_flax(value)
+            if value.shape != tuple(spec.shape):
+                mismatched.append(f"{key}: file has {np.shape(given[key])}, model expects "
+                                  f"{tuple(spec.shape)} (after conversion)")
+                continue
             converted[path] = np.ascontiguousarray(value, dtype=np.dtype(spec.dtype))
-        out[collection] = traverse_util.unflatten_dict(converted) if converted else {}
+        if converted:
+            out[collection] = traverse_util.unflatten_dict(converted)
+        elif collection == "params" or collection in template:
+            out[collection] = {}
     unexpected = sorted(set(given) - used)
     if missing or unexpected or mismatched:
-        lines = [f"The state dict does not fit backbone {backbone_name!r}:"]
+        lines = [title]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
                          + (" ..." if len(missing) > 20 else ""))
@@ -183,58 +188,73 @@ def torchvision_to_flax(
                          + (" ..." if len(unexpected) > 20 else ""))
         if mismatched:
             lines.append("  shape mismatches: " + "; ".join(mismatched))
-        lines.append("Check the backbone name (e.g. vgg16 vs vgg16_bn, resnet50 vs resnet101) "
-                     "and num_classes against the file.")
+        lines.append(hint)
         raise ValueError("\n".join(lines))
     return out
+
+
+def export_state_dict(variables: Mapping[str, Any], key_of: KeyOf) -> dict[str, np.ndarray]:
+    """Returns the torch-layout state dict of Flax variables (the inverse of the import)."""
+    out: dict[str, np.ndarray] = {}
+    for collection in ("params", "batch_stats"):
+        flat = traverse_util.flatten_dict(dict(variables.get(collection, {}) or {}))
+        for path, value in flat.items():
+            out[key_of(collection, path)] = np.ascontiguousarray(
+                _to_torch(path[-1], np.asarray(value)))
+    return out
+
+
+# --- torchvision / timm backbones ---
+
+
+def torchvision_key(collection: str, path: tuple[str, ...]) -> str:
+    """Returns the torchvision name of a Flax leaf: params/layer1_0/conv1/kernel ->
+    layer1.0.conv1.weight (a trailing `_<n>` of a module name becomes `.<n>`)."""
+    module = ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path[:-1])
+    return f"{module}.{LEAF_NAMES[(collection, path[-1])]}"
+
+
+def torchvision_to_flax(
+    backbone_name: str, state_dict: Mapping[str, Any], template: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Returns variables {'params', 'batch_stats'} like `template`, from a torchvision state dict.
+
+    template: the module's variables or their shapes (`init_backbone` or `jax.eval_shape`).
+    Conv OIHW -> HWIO, linear (out, in) -> (in, out); `num_batches_tracked` is ignored. Raises
+    ValueError naming every missing key, unexpected key and shape mismatch.
+    """
+    return convert_state_dict(
+        state_dict, template, torchvision_key,
+        title=f"The state dict does not fit backbone {backbone_name!r}:",
+        hint="Check the backbone name (e.g. vgg16 vs vgg16_bn, resnet50 vs resnet101) and "
+             "num_classes against the file.")
+
+
+def flax_to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Returns the torchvision-layout state dict of backbone variables (inverse of the import)."""
+    return export_state_dict(variables, torchvision_key)
 
 
 def load_backbone_weights(
     backbone_name: str, path: str | os.PathLike, template: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Returns backbone variables like `template`, read from a torchvision/timm weights file."""
-    return torchvision_to_flax(backbone_name, load_state_dict(path), template)
+    """Returns backbone variables like `template`, read from a weights file by the backbone's
+    registered converter (torchvision/timm naming for the ResNets and VGGs)."""
+    from tame_jax.backbones import get_spec
+
+    return get_spec(backbone_name).convert(load_state_dict(path), template)
 
 
-def flax_to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Returns the torchvision-layout state dict of backbone variables (inverse of the import)."""
-    out: dict[str, np.ndarray] = {}
-    for collection in ("params", "batch_stats"):
-        flat = traverse_util.flatten_dict(dict(variables.get(collection, {})))
-        for path, value in flat.items():
-            key = f"{_tv_module(path[:-1])}.{_TV_LEAF_NAMES[(collection, path[-1])]}"
-            value = np.asarray(value)
-            if path[-1] == "kernel":
-                value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-            out[key] = np.ascontiguousarray(value)
-    return out
+# --- TAME attention checkpoints of the reference release ---
 
 
-# --- TAME attention checkpoints of the reference release (owned by the attention helper) ---
-
-# Reference key layout: convs.{i}.weight (O, I, 1, 1) | bias, bns.{i}.weight | bias |
-# running_mean | running_var | num_batches_tracked, fuser.weight (K, C, 1, 1) | bias.
-_TAME_LEAF_NAMES = {
-    ("params", "kernel"): "weight",
-    ("params", "bias"): "bias",
-    ("params", "scale"): "weight",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-_TAME_OPTIONAL_SUFFIX = ".num_batches_tracked"
-
-
-def _tame_torch_module(module: str) -> str:
-    """Returns the reference module name of a Flax submodule: convs_0 -> convs.0, fuser -> fuser."""
+def tame_reference_key(collection: str, path: tuple[str, ...]) -> str:
+    """Returns the reference key of a Flax leaf, e.g. params/convs_0/kernel -> convs.0.weight."""
+    module = path[0]
     for stem in ("convs", "bns"):
         if module.startswith(stem + "_"):
-            return f"{stem}.{module[len(stem) + 1:]}"
-    return module
-
-
-def _tame_torch_key(collection: str, module: str, leaf: str) -> str:
-    """Returns the reference key of a Flax leaf, e.g. params/convs_0/kernel -> convs.0.weight."""
-    return f"{_tame_torch_module(module)}.{_TAME_LEAF_NAMES[(collection, leaf)]}"
+            module = f"{stem}.{module[len(stem) + 1:]}"
+    return f"{module}.{LEAF_NAMES[(collection, path[-1])]}"
 
 
 def _tame_key_prefix(keys: Mapping[str, Any]) -> str:
@@ -258,68 +278,21 @@ def tame_variables_from_state_dict(
     Raises ValueError naming every missing key, unexpected key and shape mismatch.
     """
     prefix = _tame_key_prefix(state_dict)
-    given = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    out: dict[str, Any] = {}
-    expected: set[str] = set()
-    missing, mismatched = [], []
-    for collection in ("params", "batch_stats"):
-        for module, leaves in template.get(collection, {}).items():
-            for leaf, spec in leaves.items():
-                key = _tame_torch_key(collection, module, leaf)
-                expected.add(key)
-                want = tuple(spec.shape)
-                torch_shape = (want[3], want[2], want[0], want[1]) if leaf == "kernel" else want
-                if key not in given:
-                    missing.append(f"{prefix}{key} {torch_shape}")
-                    continue
-                value = np.asarray(given[key])
-                if value.shape != torch_shape:
-                    mismatched.append(
-                        f"{prefix}{key}: file has {value.shape}, model expects {torch_shape}"
-                    )
-                    continue
-                if leaf == "kernel":
-                    value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-                out.setdefault(collection, {}).setdefault(module, {})[leaf] = value.astype(
-                    np.dtype(spec.dtype)
-                )
-    unexpected = sorted(
-        prefix + k
-        for k in given
-        if k not in expected
-        and not (
-            k.endswith(_TAME_OPTIONAL_SUFFIX)
-            and k[: -len(_TAME_OPTIONAL_SUFFIX)] + ".running_mean" in expected
-        )
-    )
-    if missing or unexpected or mismatched:
-        lines = ["The TAME attention checkpoint does not fit the attention module:"]
-        if missing:
-            lines.append("  missing keys: " + ", ".join(missing))
-        if unexpected:
-            lines.append("  unexpected keys: " + ", ".join(unexpected))
-        if mismatched:
-            lines.append("  shape mismatches: " + "; ".join(mismatched))
-        lines.append(
-            "Check that the variant, the backbone layers (their order and channels) and the "
-            "number of classes match the ones the checkpoint was trained with."
-        )
-        raise ValueError("\n".join(lines))
-    return out
+    given = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    variables = convert_state_dict(
+        given, template, lambda c, p: prefix + tame_reference_key(c, p),
+        title="The TAME attention checkpoint does not fit the attention module:",
+        hint="Check that the variant, the backbone layers (their order and channels) and the "
+             "number of classes match the ones the checkpoint was trained with.")
+    return {k: v for k, v in variables.items() if v or k == "params"}
 
 
 def tame_state_dict_from_variables(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Returns the reference-layout state dict {key: array} (OIHW kernels) of TAMEAttention vars."""
-    out: dict[str, np.ndarray] = {}
-    for collection in ("params", "batch_stats"):
-        for module, leaves in variables.get(collection, {}).items():
-            for leaf, value in leaves.items():
-                value = np.asarray(value)
-                if leaf == "kernel":
-                    value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-                out[_tame_torch_key(collection, module, leaf)] = value
-            if collection == "batch_stats":
-                out[_tame_torch_module(module) + _TAME_OPTIONAL_SUFFIX] = np.asarray(0, np.int64)
+    out = export_state_dict(variables, tame_reference_key)
+    for module in variables.get("batch_stats", {}):
+        out[tame_reference_key("batch_stats", (module, "mean")).rsplit(".", 1)[0]
+            + _IGNORED_SUFFIX] = np.asarray(0, np.int64)
     return out
 
 

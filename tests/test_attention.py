@@ -295,8 +295,8 @@ def test_import_errors_name_the_keys():
     with pytest.raises(ValueError) as err:
         tame_variables_from_state_dict(sd, template)
     msg = str(err.value)
-    assert "missing keys: bns.1.running_var (5,)" in msg
-    assert "unexpected keys: convs.3.weight" in msg
+    assert "missing keys (1): bns.1.running_var (5,)" in msg
+    assert "unexpected keys (1): convs.3.weight" in msg
     assert f"fuser.weight: file has ({K + 1}, 12, 1, 1), model expects ({K}, 12, 1, 1)" in msg
 
 

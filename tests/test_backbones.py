@@ -119,7 +119,9 @@ def test_perturbations_are_additive_and_give_feature_gradients():
     w_fc = variables["params"]["fc"]["kernel"]  # (64, 5)
     np.testing.assert_allclose(logits1 - logits0, delta.mean(axis=(1, 2)) @ w_fc,
                                rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(feats1["layer4"], feats0["layer4"] + delta, atol=1e-5)
+    # float32: relative to the magnitudes involved (layer4 values reach ~15 here)
+    np.testing.assert_allclose(feats1["layer4"], feats0["layer4"] + delta, rtol=1e-5,
+                               atol=1e-6 * float(np.abs(feats0["layer4"]).max()))
     np.testing.assert_allclose(feats1["layer2"], feats0["layer2"], rtol=1e-4, atol=1e-4)
     # Gradient of a class logit w.r.t. the layer4 map is fc's column / (h * w) everywhere.
     zeros = {perturb_name(n): jnp.zeros_like(f) for n, f in feats0.items()}

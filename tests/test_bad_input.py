@@ -16,29 +16,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from _train_worker import CONFIG, REPO, finish, get_config, make_folder, start, subprocess_env
-from _train_worker import train_command as command
 
 from tame_jax import checkpoints, optim, train, weights
 from tame_jax.model import build_model
-from tame_jax.parallel import TrainState
+from tame_jax.train_step import TrainState
 
 STEPS = 16  # as in test_resume: the same compiled step, from the shared compilation cache
 TIMEOUT_S = 240
 BROKEN = os.path.join("train", "class0", "broken.jpg")
-
-
-def _config(root: str, **overrides):
-    """Returns the subprocess tests' config on `root`, with dotted-key overrides."""
-    c = get_config()
-    c.data.root = root
-    for k, v in overrides.items():
-        target = c
-        *path, leaf = k.split(".")
-        for p in path:
-            target = target[p]
-        target[leaf] = v
-    return c
 
 
 def _write_broken_jpeg(path: str) -> None:
@@ -54,34 +39,35 @@ def _write_broken_jpeg(path: str) -> None:
         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
 
 
-def _epoch_orders(root: str, seed: int, epochs: int) -> list[list[str]]:
+def _epoch_orders(config, seed: int, epochs: int) -> list[list[str]]:
     """Returns, per epoch, the files in the order the (single-host) pipeline reads them."""
-    from tame_jax.data import pipeline
+    from tame_jax.data import sources
 
-    source = pipeline._source(_config(root), "train")
+    source = sources.make_source(config, "train")
     return [[os.fsdecode(source.paths[i]) for i in source._order(0, 1, (seed, 0, e))]
             for e in range(epochs)]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, trainer, image_folder):
     """Runs the three subprocess runs; returns {name: (returncode, log)} and facts."""
     tmp = tmp_path_factory.mktemp("bad_input")
-    env = subprocess_env(devices=1, cache_dir=str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    env = trainer.env(devices=1, cache_dir=str(tmp_path_factory.getbasetemp() / "jax_cache"))
     # 16 good images and a truncated JPEG: 17 files, batch 8, so 2 steps per epoch and one
     # file left out per epoch. Pick the seed that leaves the broken file out of epoch 0 and
     # reads it in epoch 1: the checkpoint of step 2 exists before it is met.
     root = str(tmp / "data")
-    make_folder(root, per_class=8)
+    image_folder(root, per_class=8)
     broken = os.path.join(root, BROKEN)
     _write_broken_jpeg(broken)
+    config = trainer.config(root)
     seed = next(s for s in range(1000)
-                if (o := _epoch_orders(root, s, 2))[0][-1] == broken and broken in o[1][:-1])
-    orders = _epoch_orders(root, seed, STEPS // 2)
+                if (o := _epoch_orders(config, s, 2))[0][-1] == broken and broken in o[1][:-1])
+    orders = _epoch_orders(trainer.config(root), seed, STEPS // 2)
     expected_skips = sum(broken in order[:-1] for order in orders)
 
     # A backbone whose classifier weights are NaN (same shapes, so the same compiled step).
-    sd = weights.flax_to_torchvision(build_model(_config(root)).backbone_vars)
+    sd = weights.flax_to_torchvision(build_model(trainer.config(root)).backbone_vars)
     sd["fc.weight"] = np.full_like(sd["fc.weight"], np.nan)
     nan_weights = str(tmp / "nan_fc.npz")
     np.savez(nan_weights, **sd)
@@ -90,8 +76,8 @@ def runs(tmp_path_factory):
 
     def run(name: str, *flags: str) -> tuple[int, str]:
         log = str(tmp / f"{name}.txt")
-        p = start(command(str(tmp / name), root, *common, *flags), env, log)
-        text = finish(p, log, TIMEOUT_S)
+        p = trainer.start(trainer.command(str(tmp / name), root, *common, *flags), env, log)
+        text = trainer.finish(p, log, TIMEOUT_S)
         return p.returncode, text
 
     # All three run the same program: the first compiles it, the others find it in the cache.
@@ -116,7 +102,8 @@ def test_broken_jpeg_is_skipped_and_counted(runs):
     assert f"step {STEPS}/{STEPS}" in text
 
 
-def test_broken_jpeg_with_on_bad_image_error_names_the_file_and_keeps_the_checkpoint(runs):
+def test_broken_jpeg_with_on_bad_image_error_names_the_file_and_keeps_the_checkpoint(
+        runs, trainer, checkpoint_steps):
     code, text = runs["error"]
     assert code not in (0, None), text[-3000:]
     assert re.search(rf"BadImageError: Cannot decode image {re.escape(runs['broken'])}: .*"
@@ -124,13 +111,14 @@ def test_broken_jpeg_with_on_bad_image_error_names_the_file_and_keeps_the_checkp
     last = runs["last_logged_step"]  # the steps before the batch holding the broken file
     assert f"step {last}/{STEPS}" in text and f"step {last + 1}/{STEPS}" not in text
     workdir = os.path.join(runs["tmp"], "error")
-    assert _steps(workdir) == [2]  # written before the broken file was met, and kept
-    config = _config(runs["root"])
+    assert checkpoint_steps(workdir) == [2]  # written before the broken file was met, and kept
+    config = trainer.config(runs["root"])
     restored, step = checkpoints.restore_attention(config, workdir, build_model(config))
     assert step == 2 and _all_finite(restored)
 
 
-def test_nan_stops_names_the_step_and_keeps_the_last_good_checkpoint(runs):
+def test_nan_stops_names_the_step_and_keeps_the_last_good_checkpoint(runs, trainer,
+                                                                    checkpoint_steps):
     code, text = runs["nan"]
     assert code not in (0, None), text[-3000:]
     assert "resuming from the checkpoint of step 2" in text
@@ -139,18 +127,10 @@ def test_nan_stops_names_the_step_and_keeps_the_last_good_checkpoint(runs):
                 f"The last good checkpoint is step 2 in {workdir}/checkpoints. "
                 "Lower config.learning_rate")
     assert expected in text, text[-3000:]
-    assert _steps(workdir) == [2]  # kept, and nothing saved after it
-    config = _config(runs["root"])
+    assert checkpoint_steps(workdir) == [2]  # kept, and nothing saved after it
+    config = trainer.config(runs["root"])
     restored, _ = checkpoints.restore_attention(config, workdir, build_model(config))
     assert _all_finite(restored)
-
-
-def _steps(workdir: str) -> list[int]:
-    ckpt = checkpoints.Checkpointer(workdir)
-    try:
-        return ckpt.all_steps()
-    finally:
-        ckpt.close()
 
 
 def _all_finite(tree) -> bool:
@@ -174,10 +154,11 @@ def test_loss_check_names_the_step_and_the_last_good_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(tmp_path_factory, trainer, image_folder):
+    """Returns make(**overrides): the worker config on a folder of 16 random images."""
     root = str(tmp_path_factory.mktemp("folder"))
-    make_folder(root, per_class=8)
-    return root
+    image_folder(root, per_class=8)
+    return lambda **overrides: trainer.config(root, **overrides)
 
 
 def _save_checkpoint_for(config, workdir: str) -> None:
@@ -196,24 +177,24 @@ def _save_checkpoint_for(config, workdir: str) -> None:
     ("model.num_classes", 7, "num_classes: checkpoint has 10, config asks for 7"),
 ])
 def test_checkpoint_of_another_backbone_or_class_count_is_refused(folder, tmp_path, key, value,
-                                                                  message):
+                                                                  message, checkpoint_steps):
     workdir = str(tmp_path / "run")
-    _save_checkpoint_for(_config(folder), workdir)
+    _save_checkpoint_for(folder(), workdir)
     with pytest.raises(checkpoints.CheckpointMismatchError, match=re.escape(message)) as e:
-        train.train_and_evaluate(_config(folder, **{key: value}), workdir)
+        train.train_and_evaluate(folder(**{key: value}), workdir)
     assert "Use another --workdir" in str(e.value)
-    assert _steps(workdir) == [2]  # the checkpoint is left as it was
+    assert checkpoint_steps(workdir) == [2]  # the checkpoint is left as it was
 
 
 def test_unknown_layer_name_lists_the_valid_ones(folder, tmp_path):
-    config = _config(folder, **{"model.layers": ("layer2", "layer9")})
+    config = folder(**{"model.layers": ("layer2", "layer9")})
     with pytest.raises(ValueError, match=r"Unknown layer name\(s\) \['layer9'\] for backbone "
                                          r"'resnet18'\. Valid names .*layer3, layer4"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_empty_weights_path_says_what_to_set(folder, tmp_path):
-    config = _config(folder, **{"model.backbone_weights": ""})
+    config = folder(**{"model.backbone_weights": ""})
     with pytest.raises(ValueError, match="backbone_weights is empty.*'random'"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
@@ -223,7 +204,7 @@ def test_batch_that_does_not_divide_over_the_devices_gives_the_fix(folder, tmp_p
     with pytest.raises(ValueError, match=r"batch_size=12 does not divide by the 8 devices.*"
                                          r"set --config\.batch_size to a multiple of 8 "
                                          r"\(e\.g\. 8 or 16\)"):
-        train.train_and_evaluate(_config(folder, batch_size=12), str(tmp_path / "run"))
+        train.train_and_evaluate(folder(batch_size=12), str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
@@ -234,11 +215,12 @@ def test_batch_that_does_not_divide_over_the_devices_gives_the_fix(folder, tmp_p
     ("--config.modle.backbone=vgg16",
      "config has no field 'modle'. Did you mean config.model?"),
 ])
-def test_unknown_config_key_on_the_command_line_is_named(tmp_path, flag, message):
-    env = subprocess_env(devices=1)
-    cmd = [sys.executable, "-m", "tame_jax.train", f"--config={CONFIG}",
+def test_unknown_config_key_on_the_command_line_is_named(tmp_path, flag, message, trainer):
+    env = trainer.env(devices=1)
+    cmd = [sys.executable, "-m", "tame_jax.train", f"--config={trainer.config_file}",
            f"--workdir={tmp_path}", flag]
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, env=env, cwd=trainer.repo, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 1
     assert message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr

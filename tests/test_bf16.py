@@ -1,7 +1,5 @@
 """Mixed precision: model.dtype="bfloat16" computes in bf16, keeps params, loss and maps in f32."""
 
-import dataclasses
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,8 +8,9 @@ import pytest
 
 from tame_jax import optim
 from tame_jax.config import default_config
-from tame_jax.model import build_model
-from tame_jax.parallel import TrainState, make_mesh, make_train_step, replicate, shard_batch
+from tame_jax.model import Model, build_model
+from tame_jax.sharding import make_mesh, replicate, shard_batch
+from tame_jax.train_step import TrainState, make_train_step
 
 IMAGE = 64
 
@@ -27,8 +26,8 @@ def models():
     config.model.dtype = "bfloat16"
     config.data.image_size = IMAGE
     bf16 = build_model(config)
-    f32 = dataclasses.replace(bf16, backbone=bf16.backbone.clone(dtype=jnp.float32),
-                              attention=bf16.attention.clone(dtype=jnp.float32))
+    f32 = bf16.replace(backbone=bf16.backbone.clone(dtype=jnp.float32),
+                       attention=bf16.attention.clone(dtype=jnp.float32))
     return bf16, f32
 
 
@@ -53,8 +52,9 @@ def test_bf16_maps_correlate_with_f32_maps(models):
     avars = f32.init_attention(jax.random.key(1))
     assert _f32_leaves(avars)
     images = jax.random.uniform(jax.random.key(2), (4, IMAGE, IMAGE, 3))
-    maps32, classes, _ = jax.jit(f32.explain)(avars, images)
-    maps16, _, logits16 = jax.jit(bf16.explain)(avars, images, classes)  # same classes
+    explain = jax.jit(Model.explain)
+    maps32, classes, _ = explain(f32, avars, images)
+    maps16, _, logits16 = explain(bf16, avars, images, classes)  # same classes
     assert maps16.dtype == jnp.float32 and logits16.dtype == jnp.float32
     chex.assert_shape(maps16, (4, IMAGE, IMAGE))
     a = np.asarray(maps32).reshape(4, -1)
@@ -74,11 +74,9 @@ def test_bf16_train_step_keeps_f32_state_and_follows_f32_gradient(models):
     images = shard_batch({"image": images}, mesh)["image"]
     out = {}
     for name, model in (("bf16", bf16), ("f32", f32)):
-        step = make_train_step(mesh, backbone=model.backbone, attention=model.attention, tx=tx,
-                               layers=model.layers)
+        step = make_train_step(mesh, tx)
         state = replicate(TrainState.create(jax.tree.map(jnp.copy, avars), tx), mesh)
-        bvars = replicate(model.backbone_vars, mesh)
-        out[name] = step(state, bvars, images, jax.random.key(3))
+        out[name] = step(state, replicate(model, mesh), images, jax.random.key(3))
     state16, metrics16 = out["bf16"]
     state32, metrics32 = out["f32"]
     assert _f32_leaves(state16.params) and _f32_leaves(state16.opt_state)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from tame_jax import cams
+from tame_jax.backbones import check_layers, tap
+from tame_jax.model import Model
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -24,6 +26,7 @@ class Toy(nn.Module):
     num_classes: int = 3
     pool: int = 1
     square: bool = False
+    layers: tuple[str, ...] = ("block.1", "block.2")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
@@ -31,12 +34,13 @@ class Toy(nn.Module):
         if self.pool > 1:
             x = nn.avg_pool(x, (self.pool, self.pool), strides=(self.pool, self.pool))
         a = nn.Dense(self.channels, name="proj")(x)  # (B, h, w, C)
-        a = self.perturb(cams.perturb_name("block.1"), a)
+        a = tap(self, "block.1", a)
         # another returned layer, unused by the logits
-        other = self.perturb(cams.perturb_name("block.2"), a[..., :2])
+        other = tap(self, "block.2", a[..., :2])
         z = a * a if self.square else a
         logits = nn.Dense(self.num_classes, name="head")(z.mean(axis=(1, 2)))
-        return logits, {"block.1": a, "block.2": other}
+        feats = {"block.1": a, "block.2": other}
+        return logits, {name: feats[name] for name in check_layers("toy", self.layers, feats)}
 
 
 def _setup(pool=1, square=False, b=2, hw=8, seed=0):
@@ -50,7 +54,7 @@ def _setup(pool=1, square=False, b=2, hw=8, seed=0):
     params["head"]["bias"] = jax.random.normal(jax.random.key(seed + 2), (model.num_classes,))
     variables = {"params": params}
     classes = jnp.array([1, 2][:b] + [0] * max(0, b - 2), jnp.int32)
-    return model, variables, x, classes
+    return Model(variables, model), variables, x, classes
 
 
 def _np_model_parts(variables, x, pool):
@@ -100,7 +104,7 @@ def test_gradcam_matches_closed_form_linear(pool):
     h, wd = a.shape[1:3]
     weights = w[:, np.asarray(classes)].T / (h * wd)  # (B, C)
     expected = _np_cam(a, weights, x.shape[1:3])
-    got = cams.gradcam(model, variables, x, classes, layer="block.1")
+    got = cams.gradcam(model, x, classes, layer="block.1")
     chex.assert_shape(got, x.shape[:3])
     assert expected.max() > 0 and (expected == 0).any()  # the ReLU matters
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -117,7 +121,7 @@ def test_gradcam_and_gradcampp_closed_form_squared(pool):
     size = x.shape[1:3]
 
     exp_gc = _np_cam(a, g.mean(axis=(1, 2)), size)
-    got_gc = cams.gradcam(model, variables, x, classes, layer="block.1")
+    got_gc = cams.gradcam(model, x, classes, layer="block.1")
     np.testing.assert_allclose(got_gc, exp_gc, rtol=1e-5, atol=1e-6)
 
     sum_a = a.sum(axis=(1, 2), keepdims=True)
@@ -125,7 +129,7 @@ def test_gradcam_and_gradcampp_closed_form_squared(pool):
     alpha = np.where(g != 0, alpha, 0)
     assert np.ptp(alpha) > 0.1  # alpha really varies, unlike 1/(2 + ...) for a linear model
     exp_pp = _np_cam(a, (alpha * np.maximum(g, 0)).sum(axis=(1, 2)), size)
-    got_pp = cams.gradcampp(model, variables, x, classes, layer="block.1")
+    got_pp = cams.gradcampp(model, x, classes, layer="block.1")
     np.testing.assert_allclose(got_pp, exp_pp, rtol=1e-4, atol=1e-6)
     assert not np.allclose(exp_pp / exp_pp.max(), exp_gc / exp_gc.max(), atol=1e-2)
 
@@ -139,7 +143,7 @@ def test_ablationcam_closed_form_linear():
     y = contrib.sum(axis=1) + bh[cls]
     expected = _np_cam(a, contrib / y[:, None], x.shape[1:3])
     for chunk in (3, 32):  # 3 does not divide B * C = 8, so padding is exercised
-        got = cams.ablationcam(model, variables, x, classes, layer="block.1", channel_chunk=chunk)
+        got = cams.ablationcam(model, x, classes, layer="block.1", channel_chunk=chunk)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -161,7 +165,7 @@ def test_scorecam_matches_numpy_reimplementation():
     weights /= weights.sum(1, keepdims=True)
     expected = _np_cam(a, weights, size)
     for chunk in (3, 32):
-        got = cams.scorecam(model, variables, x, classes, layer="block.1", batch_chunk=chunk)
+        got = cams.scorecam(model, x, classes, layer="block.1", batch_chunk=chunk)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -169,15 +173,15 @@ def test_dispatch_and_jit_agree():
     """cam(method, ...) and the jitted make_cam_fn give the direct function's maps."""
     model, variables, x, classes = _setup(pool=2, square=True)
     for method in ("gradcam", "gradcampp", "ablationcam", "scorecam"):
-        direct = getattr(cams, method)(model, variables, x, classes, layer="block.1")
-        via = cams.cam(method, model, variables, x, classes, layer="block.1")
-        jitted = cams.make_cam_fn(method, model, layer="block.1")(variables, x, classes)
+        direct = getattr(cams, method)(model, x, classes, layer="block.1")
+        via = cams.cam(method, model, x, classes, layer="block.1")
+        jitted = cams.make_cam_fn(method, layer="block.1")(model, x, classes)
         np.testing.assert_allclose(via, direct, rtol=1e-6)
         np.testing.assert_allclose(jitted, direct, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="unknown method"):
-        cams.cam("nope", model, variables, x, classes, layer="block.1")
+        cams.cam("nope", model, x, classes, layer="block.1")
     with pytest.raises(ValueError, match="block.1"):
-        cams.gradcam(model, variables, x, classes, layer="block.9")
+        cams.gradcam(model, x, classes, layer="block.9")
 
 
 # ----------------------------------------------------------------------------- RISE
@@ -186,12 +190,14 @@ def test_dispatch_and_jit_agree():
 class RegionToy(nn.Module):
     """P(class 0) = sigmoid(4 * mean of norm(x) over the top-left quarter); class 1 logit 0."""
 
+    layers: tuple[str, ...] = ("f",)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         """Returns (logits (B, 2), {'f': x})."""
         h, w = x.shape[1:3]
         s = 4.0 * x[:, : h // 4, : w // 4, :].mean(axis=(1, 2, 3))
-        f = self.perturb(cams.perturb_name("f"), x)
+        f = tap(self, "f", x)
         return jnp.stack([s, jnp.zeros_like(s)], axis=1), {"f": f}
 
 
@@ -199,12 +205,12 @@ def test_rise_chunking_invariant():
     """Chunked and unchunked RISE give the same saliency for the same key (padded tail too)."""
     model, variables, x, classes = _setup(pool=2)
     key = jax.random.key(3)
-    run = functools.partial(cams.rise, model, variables, x, classes, key=key, num_masks=50,
+    run = functools.partial(cams.rise, model, x, classes, key=key, num_masks=50,
                             mask_cells=3)
     full = run(chunk=50)
     chex.assert_shape(full, x.shape[:3])
-    jitted = cams.make_cam_fn("rise", model, layer="block.1", num_masks=50, mask_cells=3,
-                              chunk=7)(variables, x, classes, key=key)
+    jitted = cams.make_cam_fn("rise", layer="block.1", num_masks=50, mask_cells=3,
+                              chunk=7)(model, x, classes, key=key)
     np.testing.assert_allclose(jitted, full, rtol=1e-5, atol=1e-6)
 
 
@@ -223,7 +229,7 @@ def test_rise_highlights_the_region_the_model_uses():
     model = RegionToy()
     x = jnp.full((1, 16, 16, 3), 0.9)
     variables = model.init(jax.random.key(0), x)
-    sal = np.asarray(cams.rise(model, variables, x, jnp.array([0]), key=jax.random.key(1),
+    sal = np.asarray(cams.rise(Model(variables, model), x, jnp.array([0]), key=jax.random.key(1),
                                num_masks=400, mask_cells=4, chunk=64))[0]
     inside, far = sal[:4, :4], sal[8:, 8:]
     assert inside.min() > far.max()
@@ -253,12 +259,14 @@ def _torch_pair(stride: int):
             return self.fc(a.mean(dim=(2, 3)))
 
     class FNet(nn.Module):
+        layers: tuple[str, ...] = ("r2",)
+
         @nn.compact
         def __call__(self, x, train=False):
             pad = ((1, 1), (1, 1))
             a = nn.relu(nn.Conv(6, (3, 3), padding=pad, name="c1")(x))
             a = nn.relu(nn.Conv(8, (3, 3), strides=stride, padding=pad, name="c2")(a))
-            a = self.perturb(cams.perturb_name("r2"), a)
+            a = tap(self, "r2", a)
             return nn.Dense(5, name="fc")(a.mean(axis=(1, 2))), {"r2": a}
 
     tnet = TNet().eval()
@@ -309,7 +317,7 @@ def test_matches_pytorch_grad_cam(method, cls_name, stride, kw):
     x = jax.random.uniform(jax.random.key(5), (2, 16, 16, 3))
     classes = np.array([1, 3])
     ref = _torch_maps(cls_name, tnet, target, x, classes, **kw)
-    got = cams.cam(method, fnet, variables, x, jnp.asarray(classes), layer="r2")
+    got = cams.cam(method, Model(variables, fnet), x, jnp.asarray(classes), layer="r2")
     chex.assert_shape(got, ref.shape)
     assert np.ptp(ref) > 0
     np.testing.assert_allclose(_minmax(got), _minmax(ref), atol=2e-4)
@@ -346,7 +354,8 @@ def test_resnet18_matches_pytorch_grad_cam(method, cls_name):
     x = jax.random.uniform(jax.random.key(7), (2, 64, 64, 3))
     classes = np.array([2, 7])
     ref = _torch_maps(cls_name, tnet, tnet.layer4, x, classes)
-    got = cams.make_cam_fn(method, module, layer="layer4")(variables, x, jnp.asarray(classes))
+    got = cams.make_cam_fn(method, layer="layer4")(Model(variables, module), x,
+                                                   jnp.asarray(classes))
     chex.assert_shape(got, ref.shape)
     assert np.ptp(ref) > 0
     np.testing.assert_allclose(_minmax(got), _minmax(ref), atol=1e-3)

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from tame_jax import data
-from tame_jax.data import pipeline
 
 SIZE, RESIZE = 32, 36
 # (split, class, file name, (height, width)); classes sorted: cat -> 0, dog -> 1.
@@ -143,7 +142,9 @@ def test_shards_are_disjoint_and_cover(folder):
     (whole,) = list(data.eval_iterator(cfg, global_batch_size=8, process_index=0, process_count=1))
     assert keys[0] | keys[1] == {whole["image"][j].tobytes() for j in range(5)}
     # Train shards: one epoch's order on each host is a disjoint part of the examples.
-    source = pipeline._source(cfg, "train")
+    from tame_jax.data import sources
+
+    source = sources.make_source(cfg, "train")
     orders = [source._order(i, 2, (0, i, 5)) for i in range(2)]
     assert sorted(np.concatenate(orders).tolist()) == list(range(6))
 

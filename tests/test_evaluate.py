@@ -11,110 +11,139 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tame_jax import checkpoints, compare, evaluate, explain, metrics, train, weights
+from tame_jax import checkpoints, evaluation, explain, metrics, report, train, weights
 from tame_jax.image_ops import minmax_normalize
 from tame_jax.model import build_model
-from tame_jax.parallel import backbone_forward
-from tests.test_train import tiny_config
 
 NUM_EVAL = 10  # not a multiple of the eval batch (8): the last batch is padded
 
 
-def eval_config(data_dir: str):
-    c = tiny_config(data_dir, num_train_steps=2)
-    c.eval.batch_size = 8
-    c.eval.num_examples = NUM_EVAL
-    c.eval.road_fractions = (0.2, 0.7)
-    c.eval.insertion_steps = 4
-    return c
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from tame_jax import data
-
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare_synthetic_shapes(data_dir, config_name="tiny")
-    config = eval_config(data_dir)
+def run(tiny_config, tmp_path_factory):
+    config = tiny_config(num_train_steps=2, **{
+        "eval.batch_size": 8, "eval.num_examples": NUM_EVAL, "eval.road_fractions": (0.2, 0.7),
+        "eval.insertion_steps": 4})
     workdir = str(tmp_path_factory.mktemp("run"))
     train.train_and_evaluate(config, workdir)
     return config, workdir
 
 
-def _eval_images(config, n):
+def _eval_batches(config):
+    """Returns the padded eval batches (first NUM_EVAL images valid), as evaluate sees them."""
     from tame_jax import data
 
-    images, boxes = [], []
+    batches, seen = [], 0
     for batch in data.eval_iterator(config, global_batch_size=8, process_index=0,
                                     process_count=1):
-        images.append(batch["image"][batch["valid"]])
-        boxes.append(batch["bbox"][batch["valid"]])
-    return np.concatenate(images)[:n], np.concatenate(boxes)[:n]
+        if seen >= NUM_EVAL:
+            break
+        batch["valid"] &= np.arange(seen, seen + 8) < NUM_EVAL
+        batches.append(batch)
+        seen += 8
+    return batches
 
 
-def test_evaluate_counts_each_image_once_and_matches_direct_metrics(run, tmp_path):
+def _eval_images(config, n):
+    batches = _eval_batches(config)
+    images = np.concatenate([b["image"][b["valid"]] for b in batches])
+    boxes = np.concatenate([b["bbox"][b["valid"]] for b in batches])
+    return images[:n], boxes[:n]
+
+
+@pytest.fixture
+def toy_method_and_metric():
+    """Registers a toy method (brightness) and a toy metric (mean map); removes them after."""
+    evaluation.register_method(evaluation.Method(
+        "brightness", lambda model, av, x, classes, key: x.mean(axis=-1)))
+    evaluation.register_metric(evaluation.Metric(
+        "mean_map", lambda inputs: {"mean_map": inputs.maps.mean(axis=(1, 2))},
+        columns=lambda config: ["mean_map"], decimals=4))
+    yield
+    del evaluation.METHODS["brightness"], evaluation.METRICS["mean_map"]
+
+
+def test_registered_method_and_metric_reach_the_table_and_match_direct_metrics(
+        run, tmp_path, toy_method_and_metric):
     config, workdir = run
-    rows = evaluate.run(config, workdir, method="gradcam", out_dir=str(tmp_path))
-    (row,) = rows
+    (row,) = evaluation.run(config, workdir, method="brightness", out_dir=str(tmp_path))
+    assert row["num_images"] == NUM_EVAL  # the padding is counted out
+    saved = json.load(open(tmp_path / "brightness.json"))
+    assert saved["columns"][-2:] == ["mean_map", "num_images"]
+    assert "| mean_map |" in open(tmp_path / "brightness.md").read().replace(" num_images |", "")
+    assert saved["formats"]["mean_map"] == {"percent": False, "decimals": 4}
+    for c in ("ad_100", "ic_15", "road_morf_20", "road_lerf_70", "insertion", "deletion",
+              "agreement", "pointing", "energy_in_box"):
+        assert c in saved["columns"]
+
+    # The same numbers computed directly, batch by batch on one device, without evaluation.
+    # The toy maps are exact (no float noise between the sharded and the direct path), so
+    # every pixel order, and with it every metric, must agree to the classifier's rounding.
+    model = build_model(config)
+    key = jax.random.key(config.seed)
+    per_image: dict[str, list] = {}
+    for i, batch in enumerate(_eval_batches(config)):
+        x = jnp.asarray(batch["image"])
+        maps = x.mean(axis=-1)
+        classes = jnp.argmax(model.classify(x), -1)
+        _, k_metrics = jax.random.split(jax.random.fold_in(key, i))
+        out = metrics.ad_ic(model.classify, x, maps, classes, config.eval.ad_ic_fractions)
+        kept = metrics.road_orders(model.classify, x, maps, classes, k_metrics,
+                                   config.eval.road_fractions)
+        out["road_morf_20"], out["road_lerf_70"] = kept[0, :, 0], kept[1, :, 1]
+        out.update(metrics.insertion_deletion(model.classify, x, maps, classes, num_steps=4))
+        out["pointing"] = metrics.pointing_game(maps, jnp.asarray(batch["bbox"]))
+        out["mean_map"] = maps.mean(axis=(1, 2))
+        for k, v in out.items():
+            per_image.setdefault(k, []).append(np.asarray(v, np.float64)[batch["valid"]])
+    direct = {k: np.concatenate(v).mean() for k, v in per_image.items()}
+    for k in ("ad_100", "ad_50", "ad_15", "ic_100", "ic_50", "ic_15", "road_morf_20",
+              "road_lerf_70", "pointing"):
+        np.testing.assert_allclose(row[k], 100 * direct[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    for k in ("insertion", "deletion", "mean_map"):
+        np.testing.assert_allclose(row[k], direct[k], rtol=1e-4, err_msg=k)
+
+
+def test_evaluate_gradcam_counts_each_image_once(run, tmp_path):
+    config, workdir = run
+    (row,) = evaluation.run(config, workdir, method="gradcam", out_dir=str(tmp_path))
     assert row["num_images"] == NUM_EVAL
     for ext in ("csv", "json", "md"):
         assert os.path.getsize(tmp_path / f"gradcam.{ext}") > 100
-    cols = json.load(open(tmp_path / "gradcam.json"))["columns"]
-    for c in ("ad_100", "ic_15", "road_morf_20", "road_lerf_70", "insertion", "deletion",
-              "agreement", "pointing", "energy_in_box"):
-        assert c in cols
-
-    # The same numbers computed directly on the first NUM_EVAL images, without evaluate.py.
+    # AD/IC at 100% keep every pixel (no ranking), so they compare across batch layouts.
     model = build_model(config)
-    images, boxes = _eval_images(config, NUM_EVAL)
+    images, _ = _eval_images(config, NUM_EVAL)
     from tame_jax import cams
 
     x = jnp.asarray(images)
-    logits, _ = model.features(x)
-    classes = jnp.argmax(logits, -1)
-    maps = minmax_normalize(cams.cam("gradcam", model.backbone, model.backbone_vars, x, classes,
-                                     layer="layer4"))
-
-    def classify(im):
-        return backbone_forward(model.backbone, model.backbone_vars, im)[0]
-
-    terms = metrics.ad_ic(classify, x, maps, classes)
-    ad, ic = metrics.average_drop_increase(terms["ad_100"], terms["ic_100"])
-    np.testing.assert_allclose(row["ad_100"], ad, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(row["ic_100"], ic, atol=1e-6)
-    # Thresholds rank pixels of nearly flat upsampled maps: float noise between the sharded,
-    # jitted evaluation and this direct path may swap a few near-tied pixels at the cut.
-    for f in ("50", "15"):
-        ad, _ = metrics.average_drop_increase(terms[f"ad_{f}"], terms[f"ic_{f}"])
-        np.testing.assert_allclose(row[f"ad_{f}"], ad, atol=0.5)
-    hits = metrics.pointing_game(maps, jnp.asarray(boxes))
-    np.testing.assert_allclose(row["pointing"], 100 * float(hits.mean()), atol=1e-6)
-    auc = metrics.insertion_deletion(classify, x, maps, classes, num_steps=4)
-    np.testing.assert_allclose(row["deletion"], float(auc["deletion"].mean()), rtol=1e-4)
+    classes = jnp.argmax(model.classify(x), -1)
+    maps = minmax_normalize(cams.cam("gradcam", model, x, classes, layer="layer4"))
+    terms = metrics.ad_ic(model.classify, x, maps, classes, (1.0,))
+    np.testing.assert_allclose(row["ad_100"], 100 * float(terms["ad_100"].mean()), rtol=1e-3)
+    np.testing.assert_allclose(row["ic_100"], 100 * float(terms["ic_100"].mean()), atol=1e-6)
 
 
 def test_evaluate_tame_all_checkpoints_and_compare(run, tmp_path):
     config, workdir = run
-    rows = evaluate.run(config, workdir, method="tame", steps="all", out_dir=str(tmp_path))
+    rows = evaluation.run(config, workdir, method="tame", steps="all", out_dir=str(tmp_path))
     assert [r["step"] for r in rows] == [2]
     r = rows[0]
     assert 0 <= r["ad_100"] <= 100 and 0 <= r["road_morf_70"] <= 100
     assert 0 <= r["insertion"] <= 1 and 0 <= r["deletion"] <= 1
     with pytest.raises(ValueError, match=r"no checkpoint for \[7\]; available steps are \[2\]"):
-        evaluate.run(config, workdir, method="tame", steps="7", out_dir=str(tmp_path))
+        evaluation.run(config, workdir, method="tame", steps="7", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="choose one of"):
-        evaluate.run(config, workdir, method="gradcan", out_dir=str(tmp_path))
+        evaluation.run(config, workdir, method="gradcan", out_dir=str(tmp_path))
 
     fake = dict(r, method="gradcam", step="-", ad_100=r["ad_100"] + 1)
     other = tmp_path / "other"
-    evaluate.write_tables([fake], list(json.load(open(tmp_path / "tame.json"))["columns"][2:-1]),
-                          str(other), "gradcam")
-    table = compare.compare([str(tmp_path / "tame.json"), str(other)], str(tmp_path / "cmp"))
+    report.write_tables([fake], list(json.load(open(tmp_path / "tame.json"))["columns"][2:-1]),
+                        str(other), "gradcam")
+    table = report.compare([str(tmp_path / "tame.json"), str(other)], str(tmp_path / "cmp"))
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| tame | 2 |")
     assert lines[3].startswith("| gradcam | - |")
     assert os.path.getsize(tmp_path / "cmp" / "comparison.png") > 5000
-    assert compare.main([str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+    assert report.main([str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
 
 
 def test_explainer_api_and_reference_release_agree(run, tmp_path):

@@ -72,20 +72,6 @@ def test_ad_ic_terms_hand_values():
     np.testing.assert_array_equal(np.asarray(inc), [0.0, 1.0, 0.0, 0.0])
 
 
-def test_average_drop_increase_with_padding():
-    drops = np.asarray([0.5, 0.0, 0.25, 0.9])
-    incs = np.asarray([0.0, 1.0, 0.0, 1.0])
-    ad, ic = metrics.average_drop_increase(drops, incs, valid=np.asarray([1, 1, 1, 0], bool))
-    assert isinstance(ad, float)
-    assert ad == pytest.approx(25.0)  # 100 * 0.75 / 3
-    assert ic == pytest.approx(100.0 / 3)
-    ad_all, ic_all = metrics.average_drop_increase(drops, incs)
-    assert ad_all == pytest.approx(100 * 1.65 / 4)
-    assert ic_all == pytest.approx(50.0)
-    with pytest.raises(ValueError, match="No valid"):
-        metrics.average_drop_increase(drops, incs, valid=np.zeros(4, bool))
-
-
 def _linear_classify(x: jax.Array) -> jax.Array:
     """Three-class toy model: logits are fixed linear functions of the channel means."""
     m = x.mean(axis=(1, 2))  # (B, 3)

@@ -18,8 +18,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from _train_worker import REPO, finish, free_port, get_config, make_folder, start, subprocess_env
-from _train_worker import train_command as command
 
 from tame_jax import checkpoints
 from tame_jax.model import build_model
@@ -35,31 +33,31 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def job(tmp_path_factory, trainer, image_folder):
     """Runs the 2-process job once; returns (data root, files, workdir, out dir, codes, logs)."""
     tmp = tmp_path_factory.mktemp("multihost")
     root = str(tmp / "data")
-    files = make_folder(root, per_class=8)  # 16 images: 8 per host, local batch 4, 2 steps
+    files = image_folder(root, per_class=8)  # 16 images: 8 per host, local batch 4, 2 steps
     workdir, out = str(tmp / "run"), str(tmp / "out")
     os.makedirs(out)
-    port = free_port()
-    env = subprocess_env(devices=2)
+    port = trainer.free_port()
+    env = trainer.env(devices=2)
     procs, logs = [], []
     for pid in range(2):
-        cmd = command(workdir, root, f"--config.num_train_steps={STEPS}",
+        cmd = trainer.command(workdir, root, f"--config.num_train_steps={STEPS}",
                       "--config.checkpoint_every=1000",
                       f"--config.distributed.coordinator_address=localhost:{port}",
                       "--config.distributed.num_processes=2",
                       f"--config.distributed.process_id={pid}", record=out)
         logs.append(str(tmp / f"log_{pid}.txt"))
-        procs.append(start(cmd, env, logs[-1]))
+        procs.append(trainer.start(cmd, env, logs[-1]))
     end = time.time() + TIMEOUT_S  # preempt process 1 only, once it has trained 3 steps
     while time.time() < end and procs[1].poll() is None:
         if f"step 3/{STEPS}" in open(logs[1], errors="replace").read():
             procs[1].send_signal(signal.SIGTERM)
             break
         time.sleep(0.01)
-    texts = [finish(p, log, TIMEOUT_S) for p, log in zip(procs, logs, strict=True)]
+    texts = [trainer.finish(p, log, TIMEOUT_S) for p, log in zip(procs, logs, strict=True)]
     codes = [p.returncode for p in procs]
     return root, files, workdir, out, codes, texts
 
@@ -89,15 +87,14 @@ def test_hosts_form_one_mesh_and_read_disjoint_shards(job):
     assert f"training {STEPS} steps (2 per epoch) from step 0 on 4 devices, batch 8" in texts[0]
 
 
-def test_hosts_hold_identical_parameters_that_restore_in_one_process(job):
+def test_hosts_hold_identical_parameters_that_restore_in_one_process(job, trainer):
     root, _, workdir, out, _, _ = job
     held = [dict(np.load(os.path.join(out, f"params_{i}.npz"))) for i in range(2)]
     assert held[0].keys() == held[1].keys() and len(held[0]) > 4
     for k in held[0]:
         np.testing.assert_array_equal(held[0][k], held[1][k], err_msg=k)
 
-    config = get_config()
-    config.data.root = root
+    config = trainer.config(root)
     model = build_model(config)
     restored, step = checkpoints.restore_attention(config, workdir, model)  # this process only
     assert step >= 3
@@ -114,7 +111,9 @@ def test_hosts_hold_identical_parameters_that_restore_in_one_process(job):
 
 
 def _dist_config(**distributed):
-    c = get_config()
+    from tame_jax.config import default_config
+
+    c = default_config()
     c.distributed.update(distributed)
     return c
 
@@ -124,40 +123,40 @@ SLURM_STEP = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM
 
 
 def test_distributed_mode_follows_flags_then_slurm_then_tpu(monkeypatch):
-    from tame_jax import train
+    from tame_jax import distributed
 
     for k in (*SLURM_STEP, "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(train, "_on_cloud_tpu_vm", lambda: False)
-    assert train.distributed_mode(_dist_config()) == "single"
-    assert train.distributed_mode(_dist_config(
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
+    assert distributed.distributed_mode(_dist_config()) == "single"
+    assert distributed.distributed_mode(_dist_config(
         num_processes=2, process_id=1, coordinator_address="10.0.0.1:1234")) == "explicit"
     with pytest.raises(ValueError, match=r"num_processes=2 needs coordinator_address .* "
                                          r"process_id in 0\.\.1; got coordinator_address=''"):
-        train.distributed_mode(_dist_config(num_processes=2, process_id=0))
+        distributed.distributed_mode(_dist_config(num_processes=2, process_id=0))
     with pytest.raises(ValueError, match="process_id in 0..1"):
-        train.distributed_mode(_dist_config(num_processes=2, process_id=2,
+        distributed.distributed_mode(_dist_config(num_processes=2, process_id=2,
                                             coordinator_address="h:1"))
 
     # Inside `srun` with several tasks: jax.distributed reads the SLURM step itself.
     for k, v in SLURM_STEP.items():
         monkeypatch.setenv(k, v)
-    assert train.distributed_mode(_dist_config()) == "auto"
-    assert train.distributed_mode(_dist_config(num_processes=1)) == "single"  # opt out
+    assert distributed.distributed_mode(_dist_config()) == "auto"
+    assert distributed.distributed_mode(_dist_config(num_processes=1)) == "single"  # opt out
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert train.distributed_mode(_dist_config()) == "single"  # a one-task step
+    assert distributed.distributed_mode(_dist_config()) == "single"  # a one-task step
     monkeypatch.delenv("SLURM_STEP_NODELIST")  # the sbatch script itself, outside srun
     monkeypatch.setenv("SLURM_NTASKS", "16")
-    assert train.distributed_mode(_dist_config()) == "single"
+    assert distributed.distributed_mode(_dist_config()) == "single"
 
-    monkeypatch.setattr(train, "_on_cloud_tpu_vm", lambda: True)  # a TPU VM: ask its metadata
-    assert train.distributed_mode(_dist_config()) == "auto"
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: True)  # a TPU VM: ask its metadata
+    assert distributed.distributed_mode(_dist_config()) == "auto"
 
 
 # --------------------------------------------------------------------------- launch scripts
 
-LAUNCH = os.path.join(REPO, "launch")
+LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
 SCRIPTS = ("tpu_pod.sh", "gpu_node.sh", "slurm_gpu.sbatch")
 
 

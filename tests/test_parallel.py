@@ -8,16 +8,9 @@ import pytest
 
 from tame_jax import backbones, optim
 from tame_jax.attention import TAMEAttention
-from tame_jax.parallel import (
-    BATCH_AXIS,
-    TrainState,
-    check_global_batch,
-    jit_step,
-    make_mesh,
-    make_per_device_step,
-    replicate,
-    shard_batch,
-)
+from tame_jax.model import Model
+from tame_jax.sharding import check_global_batch, make_mesh, replicate, shard_batch
+from tame_jax.train_step import init_state, jit_step, make_per_device_step
 
 IMAGE = 32
 NUM_CLASSES = 10
@@ -27,28 +20,25 @@ LAYERS = ("layer2", "layer3", "layer4")
 def _setup(variant="tame"):
     backbone = backbones.build_backbone("resnet18", num_classes=NUM_CLASSES, layers=LAYERS,
                                         width=8)
-    bvars = backbones.init_backbone(backbone, jax.random.key(0), IMAGE)
-    attention = TAMEAttention(num_classes=NUM_CLASSES, variant=variant, axis_name=BATCH_AXIS)
-    x = jnp.zeros((1, IMAGE, IMAGE, 3))
-    _, feats = backbone.apply(bvars, x)
-    avars = attention.clone(axis_name=None).init(jax.random.key(1), [feats[n] for n in LAYERS])
+    model = Model(backbone_vars=backbones.init_backbone(backbone, jax.random.key(0), IMAGE),
+                  backbone=backbone, layers=LAYERS, image_size=IMAGE,
+                  attention=TAMEAttention(num_classes=NUM_CLASSES, variant=variant))
     tx = optim.make_optimizer(1e-2, 20)
-    return backbone, bvars, attention, TrainState.create(avars, tx), tx
+    return model, init_state(model, tx, jax.random.key(1)), tx
 
 
 def _run(devices, steps, variant="tame", selective=True):
-    backbone, bvars, attention, state, tx = _setup(variant)
+    model, state, tx = _setup(variant)
     mesh = make_mesh(devices)
-    per_device = make_per_device_step(backbone=backbone, attention=attention, tx=tx,
-                                      layers=LAYERS, selective_fusion=selective)
+    per_device = make_per_device_step(tx, selective_fusion=selective)
     step = jit_step(chex.assert_max_traces(per_device, n=1), mesh)
-    state, bvars = replicate(state, mesh), replicate(bvars, mesh)
+    state, model = replicate(state, mesh), replicate(model, mesh)
     rng = np.random.default_rng(0)
     history = []
     for i in range(steps):
         images = rng.uniform(size=(16, IMAGE, IMAGE, 3)).astype(np.float32)
         batch = shard_batch({"image": images}, mesh)
-        state, metrics = step(state, bvars, batch["image"], jax.random.key(i))
+        state, metrics = step(state, model, batch["image"], jax.random.key(i))
         history.append(jax.device_get(metrics))
     return jax.device_get(state), history
 
@@ -65,7 +55,7 @@ def test_eight_devices_equal_one_device(variant):
     chex.assert_trees_all_close(one.params, eight.params, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(one.batch_stats, eight.batch_stats, rtol=1e-5, atol=1e-6)
     # The step actually moved the parameters (the comparison is not between two no-ops).
-    _, _, _, init, _ = _setup(variant)
+    _, init, _ = _setup(variant)
     delta = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), one.params,
                                    init.params)
     assert max(jax.tree_util.tree_leaves(delta)) > 1e-6

@@ -16,8 +16,6 @@ import time
 
 import numpy as np
 import pytest
-from _train_worker import finish, get_config, make_folder, start, subprocess_env
-from _train_worker import train_command as command
 
 from tame_jax import checkpoints
 from tame_jax.model import build_model
@@ -39,12 +37,11 @@ def _wait_for(proc, predicate, timeout: float = TIMEOUT_S) -> bool:
     return False
 
 
-def _params(root: str, workdir: str, step: int | None = None) -> tuple[dict, int]:
+def _params(trainer, root: str, workdir: str, step: int | None = None) -> tuple[dict, int]:
     """Returns ({path: array} of the attention params in the checkpoint, its step)."""
     import jax
 
-    config = get_config()
-    config.data.root = root
+    config = trainer.config(root)
     variables, step = checkpoints.restore_attention(config, workdir, build_model(config), step)
     flat = {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_leaves_with_path(variables["params"])}
@@ -58,52 +55,52 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, trainer, image_folder):
     """Returns (tmp dir, data root, env, reference final params) after the reference run."""
     tmp = tmp_path_factory.mktemp("resume")
     root = str(tmp / "data")
-    make_folder(root, per_class=8)
-    env = subprocess_env(devices=1, cache_dir=str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    image_folder(root, per_class=8)
+    env = trainer.env(devices=1, cache_dir=str(tmp_path_factory.getbasetemp() / "jax_cache"))
     ref = str(tmp / "reference")
     log = str(tmp / "reference.txt")
-    p = start(command(ref, root, *FLAGS), env, log)
-    text = finish(p, log, TIMEOUT_S)
+    p = trainer.start(trainer.command(ref, root, *FLAGS), env, log)
+    text = trainer.finish(p, log, TIMEOUT_S)
     assert p.returncode == 0, text[-4000:]
-    params, step = _params(root, ref)
+    params, step = _params(trainer, root, ref)
     assert step == STEPS
     return tmp, root, env, params
 
 
 @pytest.fixture(scope="module")
-def chain(setup):
+def chain(setup, trainer, checkpoint_steps):
     """Runs the interrupted chain; returns what each stage saw, for the tests below."""
     tmp, root, env, _ = setup
     workdir = str(tmp / "interrupted")
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    cmd = command(workdir, root, *FLAGS)
+    cmd = trainer.command(workdir, root, *FLAGS)
     out = {}
 
     # 1. SIGTERM once step 4 is logged: saves at the step it is on, exits 143.
     log = str(tmp / "sigterm.txt")
-    p = start(cmd, env, log)
+    p = trainer.start(cmd, env, log)
     assert _wait_for(p, lambda: f"step 4/{STEPS}" in open(log, errors="replace").read())
     p.send_signal(signal.SIGTERM)
-    text = finish(p, log, TIMEOUT_S)
+    text = trainer.finish(p, log, TIMEOUT_S)
     saved = re.search(r"preempted: saved step (\d+)", text)
     out["sigterm"] = (p.returncode, int(saved.group(1)) if saved else None, text)
-    out["sigterm_steps"] = _steps(workdir)
+    out["sigterm_steps"] = checkpoint_steps(workdir)
 
     # 2. Rerun, kill -9 as soon as a new periodic checkpoint is complete.
     log = str(tmp / "kill.txt")
     first = out["sigterm"][1]
     target = (first // 3 + 1) * 3
-    p = start(cmd, env, log)
+    p = trainer.start(cmd, env, log)
     assert _wait_for(p, lambda: os.path.isdir(os.path.join(ckpt_dir, str(target))))
     p.kill()
-    text = finish(p, log, TIMEOUT_S)
+    text = trainer.finish(p, log, TIMEOUT_S)
     out["kill"] = (p.returncode, text)
-    last = _steps(workdir)[-1]
-    out["kill_steps"] = _steps(workdir)
+    last = checkpoint_steps(workdir)[-1]
+    out["kill_steps"] = checkpoint_steps(workdir)
 
     # 3. Half-written checkpoints after the last complete one: an unrenamed temporary folder,
     # and a step folder without its commit marker (a copy of the last one, so resuming from
@@ -118,19 +115,11 @@ def chain(setup):
 
     # 4. Rerun to the end.
     log = str(tmp / "final.txt")
-    p = start(cmd, env, log)
-    text = finish(p, log, TIMEOUT_S)
+    p = trainer.start(cmd, env, log)
+    text = trainer.finish(p, log, TIMEOUT_S)
     out["final"] = (p.returncode, text)
     out["workdir"] = workdir
     return out
-
-
-def _steps(workdir: str) -> list[int]:
-    ckpt = checkpoints.Checkpointer(workdir)
-    try:
-        return ckpt.all_steps()
-    finally:
-        ckpt.close()
 
 
 def test_sigterm_saves_the_current_step_and_exits_143(chain):
@@ -156,9 +145,9 @@ def test_kill_9_then_rerun_resumes_from_the_last_complete_checkpoint(chain):
     assert os.path.isdir(os.path.join(chain["workdir"], "checkpoints", str(STEPS)))
 
 
-def test_interrupted_run_ends_with_the_reference_parameters(setup, chain):
+def test_interrupted_run_ends_with_the_reference_parameters(setup, chain, trainer):
     _, root, _, reference = setup
     assert chain["final"][0] == 0
-    params, step = _params(root, chain["workdir"])
+    params, step = _params(trainer, root, chain["workdir"])
     assert step == STEPS
     _assert_same(params, reference)

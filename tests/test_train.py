@@ -11,48 +11,11 @@ import numpy as np
 import pytest
 
 from tame_jax import checkpoints, lr_finder, train
-from tame_jax.config import default_config
 from tame_jax.model import build_model
 
 
-def tiny_config(data_dir: str, **overrides):
-    """Returns a config for a 4-step run of a narrow ResNet-18 on synthetic_shapes/tiny."""
-    c = default_config()
-    c.model.backbone = "resnet18"
-    c.model.backbone_kwargs = {"width": 8}
-    c.model.num_classes = 10
-    c.model.backbone_weights = "random"
-    c.data.source = "synthetic_shapes"
-    c.data.data_dir = data_dir
-    c.data.synthetic_config = "tiny"
-    c.data.image_size = 64
-    c.data.resize_size = 64
-    c.data.eval_split = "test"
-    c.batch_size = 8
-    c.num_train_steps = 4
-    c.log_every = 2
-    c.checkpoint_every = 2
-    c.learning_rate = 1e-2
-    for k, v in overrides.items():
-        target = c
-        *path, leaf = k.split(".")
-        for p in path:
-            target = target[p]
-        target[leaf] = v
-    return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tame_jax import data
-
-    d = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare_synthetic_shapes(d, config_name="tiny")
-    return d
-
-
-def test_train_writes_checkpoints_that_restore(data_dir, tmp_path):
-    config = tiny_config(data_dir)
+def test_train_writes_checkpoints_that_restore(tiny_config, tmp_path):
+    config = tiny_config()
     workdir = str(tmp_path / "run")
     state = train.train_and_evaluate(config, workdir)
     assert int(state.step) == 4
@@ -79,23 +42,23 @@ def test_train_writes_checkpoints_that_restore(data_dir, tmp_path):
     chex.assert_trees_all_close(jax.device_get(again.params), jax.device_get(state.params))
 
 
-def test_checkpoint_of_another_model_is_refused(data_dir, tmp_path):
+def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), workdir)
-    other = tiny_config(data_dir, **{"model.variant": "noskip", "num_train_steps": 2})
+    train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+    other = tiny_config(**{"model.variant": "noskip", "num_train_steps": 2})
     with pytest.raises(checkpoints.CheckpointMismatchError,
                        match=r"variant: checkpoint has 'tame', config asks for 'noskip'"):
         train.train_and_evaluate(other, workdir)
 
 
-def test_missing_backbone_weights_say_how_to_get_them(data_dir, tmp_path):
-    config = tiny_config(data_dir, **{"model.backbone_weights": str(tmp_path / "nope.pth")})
+def test_missing_backbone_weights_say_how_to_get_them(tiny_config, tmp_path):
+    config = tiny_config(**{"model.backbone_weights": str(tmp_path / "nope.pth")})
     with pytest.raises(FileNotFoundError, match=r"(?s)nope\.pth.*section 'Backbone weights'"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_lr_finder_writes_csv_and_png(data_dir, tmp_path):
-    config = tiny_config(data_dir)
+def test_lr_finder_writes_csv_and_png(tiny_config, tmp_path):
+    config = tiny_config()
     out = str(tmp_path / "lr")
     result = lr_finder.run(config, out, min_lr=1e-5, max_lr=1e-1, num_steps=5)
     np.testing.assert_allclose(result["lr"][0], 1e-5, rtol=1e-5)

@@ -109,7 +109,7 @@ def test_missing_unexpected_and_mismatched_keys_are_named(resnet18_state):
 
 
 def test_timm_vgg_head_is_reshaped_to_torchvision_layout():
-    from tame_jax.weights import _from_timm
+    from tame_jax.backbones.vgg import from_timm as _from_timm
 
     rng = np.random.default_rng(0)
     fc1 = rng.standard_normal((4, 512, 7, 7)).astype(np.float32)  # timm conv (O, C, 7, 7)

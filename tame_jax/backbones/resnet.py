@@ -1,7 +1,4 @@
-"""ResNet-18/34/50/101/152 in Flax Linen, torchvision layout (v1.5: stride on the 3x3 conv).
-
-Also holds the small helpers shared by all backbones (feature taps, layer-name checks).
-"""
+"""ResNet-18/34/50/101/152 in Flax Linen, torchvision layout (v1.5: stride on the 3x3 conv)."""
 
 from __future__ import annotations
 
@@ -11,74 +8,20 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
-# torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
-CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-PERTURBATIONS = "perturbations"
-
-
-def perturb_name(layer: str) -> str:
-    """Returns the name of the variable in the 'perturbations' collection for a feature layer.
-
-    It is the torchvision name with '.' -> '_' plus '_out' ("layer4" -> "layer4_out",
-    "features.30" -> "features_30_out"); the suffix keeps it apart from the submodule of the
-    same name (a Flax scope cannot hold a child and a variable both called "conv1").
-    """
-    return layer.replace(".", "_") + "_out"
-
-
-def tap(module: nn.Module, layer: str, x: jnp.ndarray) -> jnp.ndarray:
-    """Returns x plus the layer's perturbation when one is passed (else x, unchanged).
-
-    Same contract as `nn.Module.perturb`: `init` creates zero perturbations; `apply` adds them
-    when a 'perturbations' collection is given, so `jax.grad` w.r.t. them is the gradient w.r.t.
-    the feature map. Layers missing from a given collection are left unperturbed.
-    """
-    name = perturb_name(layer)
-    if module.is_mutable_collection(PERTURBATIONS) or module.has_variable(PERTURBATIONS, name):
-        x = x + module.variable(PERTURBATIONS, name, jnp.zeros_like, x).value
-    return x
-
-
-def check_layers(arch: str, layers: Sequence[str], valid: Sequence[str]) -> tuple[str, ...]:
-    """Returns the requested layer names (duplicates dropped); raises ValueError on bad ones."""
-    if isinstance(layers, str):
-        layers = (layers,)
-    bad = [name for name in layers if name not in valid]
-    if bad:
-        raise ValueError(
-            f"Unknown layer name(s) {bad} for backbone {arch!r}. Valid names (torchvision "
-            f"module names): {', '.join(valid)}"
-        )
-    return tuple(dict.fromkeys(layers))
-
-
-class _Features:
-    """Collects the requested feature maps while the forward pass runs."""
-
-    def __init__(self, module: nn.Module, wanted: Sequence[str]):
-        self.module, self.wanted, self.maps = module, set(wanted), {}
-
-    def __call__(self, layer: str, x: jnp.ndarray) -> jnp.ndarray:
-        """Returns x, perturbed and recorded when `layer` is requested."""
-        if layer in self.wanted:
-            x = tap(self.module, layer, x)
-            self.maps[layer] = x
-        return x
-
-
-def _conv(dtype: Any):
-    return partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=CONV_INIT)
-
-
-def _bn(train: bool, dtype: Any, axis_name: str | None):
-    # PyTorch BatchNorm2d: eps 1e-5, momentum 0.1 (= flax momentum 0.9).
-    return partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name)
-
-
-PAD1 = ((1, 1), (1, 1))
+from tame_jax import weights
+from tame_jax.backbones.common import (
+    PAD1,
+    BackboneSpec,
+    FeatureTaps,
+    batch_norm,
+    check_layers,
+    conv,
+    kaiming_fan_out_std,
+    random_init,
+    register_backbone,
+)
 
 
 class BasicBlock(nn.Module):
@@ -94,13 +37,13 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Returns the block output (B, H/stride, W/stride, planes)."""
-        conv, bn = _conv(self.dtype), _bn(train, self.dtype, self.bn_axis_name)
-        out = conv(self.planes, (3, 3), self.stride, padding=PAD1, name="conv1")(x)
+        conv_, bn = conv(self.dtype), batch_norm(train, self.dtype, self.bn_axis_name)
+        out = conv_(self.planes, (3, 3), self.stride, padding=PAD1, name="conv1")(x)
         out = nn.relu(bn(name="bn1")(out))
-        out = conv(self.planes, (3, 3), 1, padding=PAD1, name="conv2")(out)
+        out = conv_(self.planes, (3, 3), 1, padding=PAD1, name="conv2")(out)
         out = bn(name="bn2")(out)
         if self.downsample:
-            x = conv(self.planes, (1, 1), self.stride, padding="VALID", name="downsample_0")(x)
+            x = conv_(self.planes, (1, 1), self.stride, padding="VALID", name="downsample_0")(x)
             x = bn(name="downsample_1")(x)
         return nn.relu(out + x)
 
@@ -118,15 +61,15 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Returns the block output (B, H/stride, W/stride, 4 * planes)."""
-        conv, bn = _conv(self.dtype), _bn(train, self.dtype, self.bn_axis_name)
-        out = conv(self.planes, (1, 1), 1, padding="VALID", name="conv1")(x)
+        conv_, bn = conv(self.dtype), batch_norm(train, self.dtype, self.bn_axis_name)
+        out = conv_(self.planes, (1, 1), 1, padding="VALID", name="conv1")(x)
         out = nn.relu(bn(name="bn1")(out))
-        out = conv(self.planes, (3, 3), self.stride, padding=PAD1, name="conv2")(out)
+        out = conv_(self.planes, (3, 3), self.stride, padding=PAD1, name="conv2")(out)
         out = nn.relu(bn(name="bn2")(out))
-        out = conv(self.planes * 4, (1, 1), 1, padding="VALID", name="conv3")(out)
+        out = conv_(self.planes * 4, (1, 1), 1, padding="VALID", name="conv3")(out)
         out = bn(name="bn3")(out)
         if self.downsample:
-            x = conv(self.planes * 4, (1, 1), self.stride, padding="VALID",
+            x = conv_(self.planes * 4, (1, 1), self.stride, padding="VALID",
                      name="downsample_0")(x)
             x = bn(name="downsample_1")(x)
         return nn.relu(out + x)
@@ -169,11 +112,11 @@ class ResNet(nn.Module):
         """Returns logits (B, K) float32 and the requested feature maps for x (B, H, W, 3)."""
         block, stage_sizes = RESNET_CONFIGS[self.arch]
         layers = check_layers(self.arch, self.layers, resnet_layer_names(stage_sizes))
-        feats = _Features(self, layers)
-        conv, bn = _conv(self.dtype), _bn(train, self.dtype, self.bn_axis_name)
+        feats = FeatureTaps(self, layers)
+        conv_, bn = conv(self.dtype), batch_norm(train, self.dtype, self.bn_axis_name)
 
         x = jnp.asarray(x, self.dtype)
-        x = feats("conv1", conv(self.width, (7, 7), 2, padding=((3, 3), (3, 3)),
+        x = feats("conv1", conv_(self.width, (7, 7), 2, padding=((3, 3), (3, 3)),
                                 name="conv1")(x))  # (B, H/2, W/2, width)
         x = feats("bn1", bn(name="bn1")(x))
         x = feats("relu", nn.relu(x))
@@ -193,3 +136,23 @@ class ResNet(nn.Module):
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                           name="fc")(x.reshape(x.shape[0], -1))
         return logits.astype(jnp.float32), {name: feats.maps[name] for name in layers}
+
+
+def _init_std(path: tuple[str, ...], shape: tuple[int, ...]) -> float:
+    """Returns torchvision's ResNet init std: kaiming fan-out convs; fc ~ U(+-1/sqrt(in))."""
+    if path[-1] == "kernel" and len(shape) == 2:
+        return float(1.0 / np.sqrt(3.0 * shape[0]))  # the std of that uniform
+    return kaiming_fan_out_std(path, shape)
+
+
+
+for _name, (_, _stages) in RESNET_CONFIGS.items():
+    register_backbone(BackboneSpec(
+        name=_name,
+        build=partial(ResNet, arch=_name),
+        default_layers=("layer2", "layer3", "layer4"),
+        layer_names=resnet_layer_names(_stages),
+        cam_layer="layer4",
+        init=partial(random_init, init_std=_init_std),
+        convert=partial(weights.torchvision_to_flax, _name),
+    ))

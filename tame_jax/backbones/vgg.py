@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from tame_jax.backbones.resnet import CONV_INIT, PAD1, _bn, _Features, check_layers
+from tame_jax import weights
+from tame_jax.backbones.common import (
+    CONV_INIT,
+    PAD1,
+    BackboneSpec,
+    FeatureTaps,
+    batch_norm,
+    check_layers,
+    kaiming_fan_out_std,
+    random_init,
+    register_backbone,
+)
 
 VGG_CFGS: dict[str, tuple[int | str, ...]] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -81,8 +94,8 @@ class VGG(nn.Module):
         train=True uses batch statistics and dropout (needs rngs={'dropout': key}).
         """
         layers = check_layers(self.arch, self.layers, vgg_layer_names(self.arch))
-        feats = _Features(self, layers)
-        bn = _bn(train, self.dtype, self.bn_axis_name)
+        feats = FeatureTaps(self, layers)
+        bn = batch_norm(train, self.dtype, self.bn_axis_name)
         x = jnp.asarray(x, self.dtype)
         channels = iter(v for v in VGG_CFGS[self.arch.removesuffix("_bn")] if v != "M")
         for i, kind in enumerate(_feature_kinds(self.arch)):
@@ -107,3 +120,48 @@ class VGG(nn.Module):
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         logits = dense(self.num_classes, "classifier_6")(x)
         return logits.astype(jnp.float32), {name: feats.maps[name] for name in layers}
+
+
+def _init_std(path: tuple[str, ...], shape: tuple[int, ...]) -> float:
+    """Returns torchvision's VGG init std: kaiming fan-out convs, linear layers N(0, 0.01)."""
+    if path[-1] == "kernel" and len(shape) == 2:
+        return 0.01
+    return kaiming_fan_out_std(path, shape)
+
+
+# timm's VGG names the classifier pre_logits.fc1/fc2 (as convolutions) and head.fc.
+_TIMM_RENAMES = {"pre_logits.fc1.": "classifier.0.", "pre_logits.fc2.": "classifier.3.",
+                 "head.fc.": "classifier.6."}
+
+
+def from_timm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns a timm VGG state dict (pre_logits.fc1/fc2 convs, head.fc) in torchvision naming."""
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _TIMM_RENAMES.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                if key.endswith(".weight") and np.ndim(value) == 4:  # conv -> linear weight
+                    value = np.reshape(value, (value.shape[0], -1))
+        out[key] = value
+    return out
+
+
+def convert(arch: str, state_dict: Mapping[str, Any], template: Mapping[str, Any]) -> dict:
+    """Returns VGG variables from a torchvision or timm (detected by its key names) state dict."""
+    if any(k.startswith(tuple(_TIMM_RENAMES)) for k in state_dict):
+        state_dict = from_timm(state_dict)
+    return weights.torchvision_to_flax(arch, state_dict, template)
+
+
+for _base in VGG_CFGS:
+    for _name in (_base, _base + "_bn"):
+        register_backbone(BackboneSpec(
+            name=_name,
+            build=partial(VGG, arch=_name),
+            default_layers=vgg_pool_layers(_name),
+            layer_names=vgg_layer_names(_name),
+            cam_layer=vgg_pool_layers(_name)[-1],
+            init=partial(random_init, init_std=_init_std),
+            convert=partial(convert, _name),
+        ))

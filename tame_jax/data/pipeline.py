@@ -24,15 +24,21 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from tame_jax.data import synthetic_shapes
+from tame_jax.data.preprocess import make_preprocess
+from tame_jax.data.sources import (
+    default_eval_split,
+    folder_classes,
+    make_source,
+    read_list_file,
+    tfds_builder,
+)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MAX_LOGGED = 20  # bad images named in the log per iterator; all are counted
 
 log = logging.getLogger(__name__)
@@ -92,7 +98,7 @@ class DataIterator(Iterator[Batch]):
         return self.length
 
 
-# --------------------------------------------------------------------------- sources
+# --------------------------------------------------------------------------- batching
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -116,303 +122,6 @@ def _local_batch(global_batch_size: int, process_count: int) -> int:
             f"{process_count} processes: use a multiple of {process_count}, e.g. {up}."
         )
     return global_batch_size // process_count
-
-
-def _list_folder(root: str, split: str, classes: list[str] | None) -> tuple[list, list, list]:
-    """Returns (paths, labels, classes) of root/split/<class>/*.{jpg,jpeg,png}, sorted."""
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        raise FileNotFoundError(
-            f"No folder {split_dir!r}: config.data.root must hold one folder per split "
-            "(e.g. train/, validation/), each with one sub-folder per class."
-        )
-    found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    if classes is None:
-        classes = found
-    elif set(found) - set(classes):
-        raise ValueError(
-            f"{split_dir!r} has class folders {sorted(set(found) - set(classes))} that the train "
-            "split lacks: every class must have a folder in the train split."
-        )
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        class_dir = os.path.join(split_dir, name)
-        if not os.path.isdir(class_dir):
-            continue  # a class with no examples in this split
-        files = sorted(
-            e.name for e in os.scandir(class_dir)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )  # fmt: skip
-        paths += [os.path.join(class_dir, f) for f in files]
-        labels += [label] * len(files)
-    if not paths:
-        raise FileNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} images under {split_dir!r}.")
-    return paths, labels, classes
-
-
-def _folder_classes(config) -> list[str]:
-    """Returns the sorted class names of the folder source (from the train split if present)."""
-    root = config.data.root
-    for split in (config.data.get("train_split", "train"), config.data.get("eval_split")):
-        if split and os.path.isdir(os.path.join(root, split)):
-            return sorted(e.name for e in os.scandir(os.path.join(root, split)) if e.is_dir())
-    raise FileNotFoundError(f"config.data.root={root!r} has no train or eval split folder.")
-
-
-def _read_list_file(config, split: str) -> tuple[list, list]:
-    """Returns (paths, labels) from the `relative/path label` lines of the split's list file."""
-    list_file = config.data.get(f"{split}_list_file") or config.data.get("list_file")
-    if not list_file or not os.path.isfile(list_file):
-        raise FileNotFoundError(
-            f"List file {list_file!r} not found: set config.data.list_file (or "
-            f"config.data.{split}_list_file) to a file of `relative/path label` lines."
-        )
-    root = config.data.get("root") or ""
-    paths, labels = [], []
-    with open(list_file) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{list_file}:{n}: expected `relative/path label`, got {line!r}")
-            paths.append(os.path.join(root, parts[0]))
-            labels.append(int(parts[1]))
-    return paths, labels
-
-
-class _FileSource:
-    """Images named by a list of files (folder or list-file sources)."""
-
-    def __init__(self, paths: list[str], labels: list[int], split: str):
-        self.paths = np.asarray([os.fsencode(p) for p in paths])  # bytes: 1 byte per char
-        self.labels = np.asarray(labels, dtype=np.int32)
-        self.split = split
-        self.extras = False
-
-    def num_examples(self, pi: int, pc: int) -> int:
-        """Returns the number of examples in host pi's shard."""
-        return len(range(pi, len(self.paths), pc))
-
-    def _order(self, pi: int, pc: int, order_seed: tuple | None) -> np.ndarray:
-        """Returns the indices (into self.paths) of host pi's shard in epoch order."""
-        shard = np.arange(pi, len(self.paths), pc)
-        if order_seed is None:
-            return shard
-        return shard[np.random.default_rng(order_seed).permutation(len(shard))]
-
-    def dataset(self, pi: int, pc: int, order_seed: tuple | None, start: int, end: int):
-        """Returns the elements at epoch positions [start, end): {path, label, pos}."""
-        idx = self._order(pi, pc, order_seed)[start:end]
-        return tf.data.Dataset.from_tensor_slices(
-            {
-                "path": self.paths[idx],  # read in the parallel preprocessing map
-                "label": self.labels[idx],
-                "pos": np.arange(start, start + len(idx), dtype=np.int64),
-            }
-        )
-
-    def describe(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
-        """Returns the file at epoch position pos."""
-        return os.fsdecode(self.paths[self._order(pi, pc, order_seed)[pos]])
-
-    def diagnose(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
-        """Returns why the file at epoch position pos cannot be read."""
-        path = self.describe(pi, pc, order_seed, pos)
-        try:
-            _decode_rgb(tf.io.read_file(path))
-        except (tf.errors.OpError, ValueError) as e:
-            return str(getattr(e, "message", e)).strip().splitlines()[-1]
-        return "decoded fine when retried"
-
-
-class _TfdsSource:
-    """A tfds data set (imagenet2012 or synthetic_shapes)."""
-
-    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, shuffle_buffer: int):
-        self.builder = builder
-        self.split = split
-        self.shuffle_buffer = shuffle_buffer
-        self.extras = "object_mask" in builder.info.features
-        self._counts: dict[str, int] = {}
-
-    def _host_split(self, pi: int, pc: int) -> str:
-        """Returns the tfds split string of host pi's disjoint shard."""
-        return tfds.split_for_jax_process(self.split, process_index=pi, process_count=pc)
-
-    def _read(self, split: str, order_seed: tuple | None):
-        """Returns the undecoded examples of a split, shuffled from order_seed if given."""
-        decoders = {"image": tfds.decode.SkipDecoding()}
-        if self.extras:
-            decoders["object_mask"] = tfds.decode.SkipDecoding()
-        seed = None if order_seed is None else _int_seed(order_seed)
-        ds = self.builder.as_dataset(
-            split=split,
-            shuffle_files=seed is not None,
-            decoders=decoders,
-            read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
-        )
-        if seed is not None:
-            ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-        return ds
-
-    def num_examples(self, pi: int, pc: int) -> int:
-        """Returns the number of examples in host pi's shard."""
-        split = self._host_split(pi, pc)
-        if split not in self._counts:
-            try:
-                self._counts[split] = self.builder.info.splits[split].num_examples
-            except (KeyError, ValueError, AssertionError):  # no split metadata (e.g. mock_data)
-                ds = self._read(split, None)
-                self._counts[split] = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
-        return self._counts[split]
-
-    def dataset(self, pi: int, pc: int, order_seed: tuple | None, start: int, end: int):
-        """Returns the elements at epoch positions [start, end): {raw, label, pos, ...}."""
-        ds = self._read(self._host_split(pi, pc), order_seed).take(end).enumerate().skip(start)
-
-        def select(pos, ex):
-            out = {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32), "pos": pos}
-            if self.extras:
-                out["mask_raw"] = ex["object_mask"]
-                out["bbox"] = tf.cast(ex["bbox"], tf.float32)
-            return out
-
-        return ds.map(select)
-
-    def describe(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
-        """Returns a description of the example at epoch position pos."""
-        order = "in file order" if order_seed is None else f"in the order of seed {order_seed}"
-        split = self._host_split(pi, pc)
-        return f"{self.builder.name} example at position {pos} of '{split}' ({order})"
-
-    def diagnose(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
-        """Returns a hint on why a tfds example cannot be decoded."""
-        return "its encoded image does not decode; the prepared tfds files may be damaged"
-
-
-def _int_seed(order_seed: tuple) -> int:
-    """Returns a 31-bit integer seed derived from a tuple of ints."""
-    return int(np.random.SeedSequence(list(order_seed)).generate_state(1)[0] >> 1)
-
-
-def _tfds_builder(config) -> tfds.core.DatasetBuilder:
-    """Returns the (prepared) tfds builder of config.data.source."""
-    data_dir = config.data.get("data_dir") or None
-    if config.data.source == "synthetic_shapes":
-        name = config.data.get("synthetic_config", "default")
-        if not data_dir:
-            raise ValueError("synthetic_shapes needs config.data.data_dir (where it is built).")
-        builder = synthetic_shapes.synthetic_builder(data_dir, name)
-        if not builder.info.splits:
-            log.info("Building synthetic_shapes/%s under %s (once).", name, data_dir)
-            builder.download_and_prepare()
-        return builder
-    builder = tfds.builder(config.data.source, data_dir=data_dir)
-    if not builder.info.splits:
-        manual_dir = config.data.get("manual_dir") or None
-        log.info("Preparing %s from manual_dir=%s (hours for ImageNet; once).", builder.name,
-                 manual_dir)  # fmt: skip
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-        )
-    return builder
-
-
-def _source(config, split: str):
-    """Returns the example source for one split of config.data."""
-    kind = config.data.source
-    if kind == "folder":
-        paths, labels, _ = _list_folder(config.data.root, split, _folder_classes(config))
-        return _FileSource(paths, labels, split)
-    if kind == "list":
-        return _FileSource(*_read_list_file(config, split), split)
-    if kind == "synthetic_shapes" and split == "validation":
-        split = "test"  # synthetic_shapes has train/test; accept the shared config default
-    if kind in ("imagenet2012", "synthetic_shapes"):
-        return _TfdsSource(_tfds_builder(config), split, config.data.get("shuffle_buffer", 16384))
-    raise ValueError(
-        f"Unknown config.data.source={kind!r}: use imagenet2012, folder, list or synthetic_shapes."
-    )
-
-
-def _default_eval_split(config) -> str:
-    """Returns config.data.eval_split, or the source's usual evaluation split."""
-    default = "test" if config.data.source == "synthetic_shapes" else "validation"
-    return config.data.get("eval_split") or default
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def _decode_rgb(raw: tf.Tensor) -> tf.Tensor:
-    """Returns the decoded uint8 (h, w, 3) image; JPEGs with accurate DCT like PIL."""
-    return tf.cond(
-        tf.io.is_jpeg(raw),
-        lambda: tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(raw, channels=3, expand_animations=False),
-    )
-
-
-def _shorter_side_size(h: tf.Tensor, w: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (new_h, new_w) with the shorter side = size, like torchvision's Resize(size)."""
-    h64, w64 = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
-    new_h = tf.where(h <= w, size, tf.cast(size * h64 / w64, tf.int32))
-    new_w = tf.where(h <= w, tf.cast(size * w64 / h64, tf.int32), size)
-    return new_h, new_w
-
-
-def _resize(img: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor, method: str) -> tf.Tensor:
-    """Returns img resized to (new_h, new_w) (float32 for bilinear); identity if same size."""
-    shape = tf.shape(img)
-    same = tf.logical_and(shape[0] == new_h, shape[1] == new_w)
-    if method == "nearest":
-        return tf.cond(same, lambda: img, lambda: tf.image.resize(img, [new_h, new_w], "nearest"))
-    return tf.cond(
-        same,
-        lambda: tf.cast(img, tf.float32),
-        lambda: tf.image.resize(img, [new_h, new_w], method="bilinear", antialias=True),
-    )
-
-
-def _make_preprocess(
-    config, *, train: bool, seed: int = 0, pi: int = 0, epoch: int = 0, extras: bool = False
-) -> Callable[[dict], dict]:
-    """Returns the per-example map: decode, resize shorter side, crop (+ flip), scale to [0,1]."""
-    size = int(config.data.image_size)
-    resize = int(config.data.get("resize_size") or size)
-    if resize < size:
-        raise ValueError(f"config.data.resize_size={resize} < image_size={size}: raise it.")
-    base = tf.random.experimental.stateless_fold_in(tf.constant([seed, pi], tf.int64), epoch)
-
-    def preprocess(ex: dict) -> dict:
-        raw = tf.io.read_file(ex["path"]) if "path" in ex else ex["raw"]
-        img = _decode_rgb(raw)  # (h, w, 3) uint8
-        h, w = tf.shape(img)[0], tf.shape(img)[1]
-        new_h, new_w = _shorter_side_size(h, w, resize)
-        img = _resize(img, new_h, new_w, "bilinear")  # (new_h, new_w, 3) float32 in [0, 255]
-        out = {"label": ex["label"], "pos": ex["pos"]}
-        if train:
-            key = tf.random.experimental.stateless_fold_in(base, ex["pos"])
-            crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-            img = tf.image.stateless_random_crop(img, [size, size, 3], seed=crop_key)
-            img = tf.image.stateless_random_flip_left_right(img, seed=flip_key)
-        else:  # centre crop, offsets rounded like torchvision's CenterCrop (half to even)
-            top = tf.cast(tf.math.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
-            left = tf.cast(tf.math.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
-            img = img[top : top + size, left : left + size]
-            if extras:
-                mask = tf.io.decode_png(ex["mask_raw"], channels=1)  # (h, w, 1) uint8 {0, 1}
-                mask = _resize(mask, new_h, new_w, "nearest")[top : top + size, left : left + size]
-                out["object_mask"] = tf.reshape(mask > 0, [size, size])
-                scale = tf.cast(tf.stack([new_h, new_w, new_h, new_w]), tf.float32)
-                shift = tf.cast(tf.stack([top, left, top, left]), tf.float32)
-                out["bbox"] = tf.clip_by_value(ex["bbox"] * scale - shift, 0.0, float(size))
-        out["image"] = tf.reshape(img, [size, size, 3]) / 255.0
-        return out
-
-    return preprocess
 
 
 def _batched(config, ds, preprocess, local_batch: int):
@@ -501,27 +210,27 @@ class _BadImages:
 def get_dataset_info(config) -> DatasetInfo:
     """Returns the number of classes, train/eval example counts (all hosts) and image size."""
     train_split = config.data.get("train_split", "train")
-    eval_split = _default_eval_split(config)
+    eval_split = default_eval_split(config)
 
     def count(split: str) -> int:
         try:
-            return _source(config, split).num_examples(0, 1)
+            return make_source(config, split).num_examples(0, 1)
         except FileNotFoundError:
             return 0
 
     kind = config.data.source
     if kind == "folder":
-        num_classes = len(_folder_classes(config))
+        num_classes = len(folder_classes(config))
     elif kind == "list":
         num_classes = config.data.get("num_classes") or 1 + max(
-            max(_read_list_file(config, s)[1], default=-1)
+            max(read_list_file(config, s)[1], default=-1)
             for s in (train_split, eval_split)
             if config.data.get(f"{s}_list_file") or config.data.get("list_file")
         )
     elif kind in ("imagenet2012", "synthetic_shapes"):
-        num_classes = _tfds_builder(config).info.features["label"].num_classes
+        num_classes = tfds_builder(config).info.features["label"].num_classes
     else:
-        _source(config, train_split)  # raises the unknown-source error
+        make_source(config, train_split)  # raises the unknown-source error
         raise AssertionError
     return DatasetInfo(
         num_classes=int(num_classes),
@@ -545,7 +254,7 @@ def _train_steps(source, local_batch: int, pc: int) -> int:
 def steps_per_epoch(config, global_batch_size: int) -> int:
     """Returns the number of train steps per epoch (the same on every host)."""
     _, pc = _process(None, None)
-    source = _source(config, config.data.get("train_split", "train"))
+    source = make_source(config, config.data.get("train_split", "train"))
     return _train_steps(source, _local_batch(global_batch_size, pc), pc)
 
 
@@ -564,7 +273,7 @@ def train_iterator(
     """
     pi, pc = _process(process_index, process_count)
     lb = _local_batch(global_batch_size, pc)
-    source = _source(config, config.data.get("train_split", "train"))
+    source = make_source(config, config.data.get("train_split", "train"))
     steps = _train_steps(source, lb, pc)
     bad_log = BadImageLog()
     bad = _BadImages(config, source, pi, pc, bad_log)
@@ -573,7 +282,7 @@ def train_iterator(
         epoch, step = divmod(int(start_step), steps)
         while True:
             order_seed = (int(seed), pi, epoch)
-            pre = _make_preprocess(config, train=True, seed=seed, pi=pi, epoch=epoch)
+            pre = make_preprocess(config, train=True, seed=seed, pi=pi, epoch=epoch)
             ds = _batched(config, source.dataset(pi, pc, order_seed, step * lb, steps * lb),
                           pre, lb)  # fmt: skip
             before = bad_log.count
@@ -609,10 +318,10 @@ def eval_iterator(
     """
     pi, pc = _process(process_index, process_count)
     lb = _local_batch(global_batch_size, pc)
-    source = _source(config, split or _default_eval_split(config))
+    source = make_source(config, split or default_eval_split(config))
     n = source.num_examples(pi, pc)
     num_batches = max(math.ceil(source.num_examples(i, pc) / lb) for i in range(pc))
-    pre = _make_preprocess(config, train=False, extras=source.extras)
+    pre = make_preprocess(config, train=False, extras=source.extras)
     ds = _batched(config, source.dataset(pi, pc, None, 0, n), pre, lb)
     bad_log = BadImageLog()
     bad = _BadImages(config, source, pi, pc, bad_log)

@@ -41,7 +41,7 @@ def parity_state_dict(arch: str, seed: int = SEED) -> dict[str, np.ndarray]:
     non-trivial running statistics (mean != 0, var != 1, var > 0).
     """
     from tame_jax.backbones import build_backbone
-    from tame_jax.weights import _TV_LEAF_NAMES, _torch_shape, _tv_module
+    from tame_jax.weights import torch_shape, torchvision_key
 
     module = build_backbone(arch)
     shapes = jax.eval_shape(
@@ -51,8 +51,8 @@ def parity_state_dict(arch: str, seed: int = SEED) -> dict[str, np.ndarray]:
     for collection in ("params", "batch_stats"):
         for path, spec in jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]:
             names = tuple(p.key for p in path)
-            key = f"{_tv_module(names[:-1])}.{_TV_LEAF_NAMES[(collection, names[-1])]}"
-            out[key] = _tensor(key, _torch_shape(names[-1], tuple(spec.shape)), seed)
+            key = torchvision_key(collection, names)
+            out[key] = _tensor(key, torch_shape(names[-1], tuple(spec.shape)), seed)
     for key in [k for k in out if k.endswith(".running_mean")]:
         out[key.replace(".running_mean", ".num_batches_tracked")] = np.array(7, np.int64)
     return dict(sorted(out.items()))

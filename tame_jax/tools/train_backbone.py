@@ -54,6 +54,8 @@ def train(data_dir: str, out: str, *, epochs: int = 12, batch_size: int = 64, lr
     module = backbones.build_backbone(DEMO_BACKBONE, num_classes=10, layers=("layer4",),
                                       width=DEMO_WIDTH)
     variables = backbones.init_backbone(module, jax.random.key(seed), 128)
+    spec = backbones.get_spec(DEMO_BACKBONE)
+    norm = (spec.mean, spec.std)
     steps_per_epoch = data.steps_per_epoch(config, batch_size)
     total = epochs * steps_per_epoch
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, total // 20), total)
@@ -65,7 +67,7 @@ def train(data_dir: str, out: str, *, epochs: int = 12, batch_size: int = 64, lr
     def step(params, batch_stats, opt_state, images, labels):
         def loss_fn(p):
             (logits, _), upd = module.apply({"params": p, "batch_stats": batch_stats},
-                                            normalize(images), train=True,
+                                            normalize(images, *norm), train=True,
                                             mutable=["batch_stats"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (upd["batch_stats"], (jnp.argmax(logits, -1) == labels).mean())
@@ -77,7 +79,7 @@ def train(data_dir: str, out: str, *, epochs: int = 12, batch_size: int = 64, lr
     @jax.jit
     def predict(params, batch_stats, images):
         logits, _ = module.apply({"params": params, "batch_stats": batch_stats},
-                                 normalize(images), train=False)
+                                 normalize(images, *norm), train=False)
         return jnp.argmax(logits, -1)
 
     batches = data.train_iterator(config, global_batch_size=batch_size, seed=seed,

@@ -1,0 +1,116 @@
+"""The train state and the sharded TAME train step.
+
+The step is `jax.jit` of a `jax.shard_map` whose per-device body sees its slice of the global
+batch and talks to the other devices explicitly: labels are all-gathered, the attention
+BatchNorm takes `pmean` statistics, and the loss terms are `psum`-reduced, so the step is the
+same function of the global batch on 1, 8 or 512 devices. (With `jax.pmap` one wrote the same
+body and the same collectives; `shard_map` is its successor, composes with `jit`, and spans
+hosts.) The model is an argument, replicated, so its weights are never compiled in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from tame_jax import losses
+from tame_jax.model import BACKBONE_MODES, Model
+from tame_jax.sharding import BATCH_AXIS, replicate
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What training updates: the attention parameters, its BatchNorm statistics, the optimiser."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, variables: Mapping[str, Any], tx: optax.GradientTransformation) -> TrainState:
+        """Returns the state at step 0 for the attention variables."""
+        params = variables["params"]
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+    @property
+    def attention_vars(self) -> dict[str, Any]:
+        """Returns the attention variables {'params', 'batch_stats'} of this state."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def init_state(model: Model, tx: optax.GradientTransformation, rng: jax.Array,
+               mesh: Mesh | None = None) -> TrainState:
+    """Returns a fresh train state for the model's attention module (replicated on mesh)."""
+    state = TrainState.create(model.init_attention(rng), tx)
+    return state if mesh is None else replicate(state, mesh)
+
+
+def make_per_device_step(tx: optax.GradientTransformation, *, backbone_mode: str = "frozen",
+                         selective_fusion: bool = True) -> Callable:
+    """Returns the per-device step body (state, model, images, key) -> (state, loss terms)."""
+    if backbone_mode not in BACKBONE_MODES:
+        raise ValueError(f"backbone_mode={backbone_mode!r}; choose one of {BACKBONE_MODES}")
+
+    def per_device(state: TrainState, model: Model, images: jax.Array, key: jax.Array):
+        b = images.shape[0]  # local batch
+        index = jax.lax.axis_index(BATCH_AXIS)
+        key_feat, key_mask = jax.random.split(jax.random.fold_in(key, index))
+        logits, feats = model.features(images, mode=backbone_mode, rng=key_feat)
+        # Model truth from the same pass that gives the features; L is the global label list.
+        labels = jax.lax.all_gather(jnp.argmax(logits, -1), BATCH_AXIS, tiled=True)  # (B,)
+        feats = [jax.lax.stop_gradient(f) for f in feats]
+
+        def classify(masked: jax.Array) -> jax.Array:
+            return model.classify(masked, mode=backbone_mode, rng=key_mask)
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            if selective_fusion:
+                c, batch_stats = model.class_logits_train(variables, feats, labels, BATCH_AXIS)
+            else:  # full K-channel fusion, then the same columns: for benchmarks
+                c, batch_stats = model.class_logits_train(variables, feats, None, BATCH_AXIS)
+                c = jnp.take(c, labels, axis=-1)
+            maps = jax.nn.sigmoid(c)  # (b, S, S, B)
+            loss, terms = losses.tame_objective(images, maps, labels, index * b, classify,
+                                                axis_name=BATCH_AXIS)
+            return loss, (terms, batch_stats)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (terms, batch_stats)), grads = grad_fn(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, terms
+
+    return per_device
+
+
+def jit_step(per_device: Callable, mesh: Mesh) -> Callable:
+    """Returns the jitted, sharded step: state and model replicated, images split on `batch`.
+
+    The state argument is donated: its buffers are reused for the new state.
+    """
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(P(), P(), P(BATCH_AXIS), P()),
+        out_specs=(P(), P()),
+    )
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_train_step(mesh: Mesh, tx: optax.GradientTransformation, **kwargs: Any) -> Callable:
+    """Returns step(state, model, images, key) -> (state, {term: value}), jitted and sharded.
+
+    kwargs: backbone_mode, selective_fusion (see `make_per_device_step`).
+    """
+    return jit_step(make_per_device_step(tx, **kwargs), mesh)
