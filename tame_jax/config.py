@@ -1,67 +1,112 @@
-"""The defaults every config starts from; `configs/*.py` override what differs."""
+"""The defaults every config starts from; `configs/*.py` override what differs.
+
+Every field is declared once in `FIELDS` with its default and what it means: `default_config()`
+builds the config from it, and `reference_table()` (the README's "Config reference" and
+`--print_config`) prints it. A field added without a description fails the tests.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
+
+_NONE_STR = object()  # a string field whose default is None (a path left unset)
+
+# (dotted name, default, description). Sections are created in order of first appearance.
+FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("seed", 0, "seed of the attention init, the data order and augmentation, and metric noise"),
+    # model
+    ("model.backbone", "resnet50", "registered backbone (`tame_jax.backbones.BACKBONES`)"),
+    ("model.backbone_kwargs", {}, "extra arguments of the backbone module, e.g. `{'width': 16}`"),
+    ("model.num_classes", 1000, "classes of the backbone's classifier (K)"),
+    ("model.layers", ("layer2", "layer3", "layer4"),
+     "feature layers TAME fuses, torchvision names, largest map first"),
+    ("model.variant", "tame",
+     "attention variant: tame, noskip, noskip_nobn, sigmoid_branch, lcam_img (L-CAM-Img)"),
+    ("model.max_size", 56, "cap on the attention map size S (the first layer's size)"),
+    ("model.backbone_weights", "weights/resnet50.safetensors",
+     "local state dict of the backbone (.safetensors/.npz/.pth); 'random' = seeded random "
+     "weights, for tests and benchmarks"),
+    ("model.backbone_mode", "frozen",
+     "'frozen' explains the model as deployed; 'train' runs the backbone as the reference did "
+     "(BatchNorm on batch statistics, dropout on)"),
+    ("model.selective_fusion", True,
+     "train with class-selective fusion (only the batch's classes; same result, fewer FLOPs)"),
+    ("model.class_names", (), "class names shown in overlays; empty = ImageNet's for 1000 classes"),
+    ("model.dtype", "float32",
+     "compute dtype: float32 or bfloat16 (params, loss and softmax stay float32)"),
+    # data
+    ("data.source", "imagenet2012", "input: imagenet2012 (tfds), folder, list or synthetic_shapes"),
+    ("data.data_dir", _NONE_STR, "tfds data directory (prepared data sets live here)"),
+    ("data.manual_dir", _NONE_STR, "where the ILSVRC2012 tar files are (imagenet2012 only)"),
+    ("data.root", "", "folder source: root/<split>/<class>/*.jpg; list source: paths' root"),
+    ("data.list_file", "", "list source: a file of `relative/path label` lines"),
+    ("data.train_split", "train", "split to train on"),
+    ("data.eval_split", "validation", "split to evaluate on (synthetic_shapes: test)"),
+    ("data.image_size", 224, "crop size (H = W) the model sees"),
+    ("data.resize_size", 256, "the shorter side is resized to this before cropping"),
+    ("data.synthetic_config", "default", "synthetic_shapes size: default or tiny"),
+    ("data.on_bad_image", "skip", "an undecodable image: 'skip' (counted, logged) or 'error'"),
+    ("data.shuffle_buffer", 16_384, "tfds shuffle buffer (examples)"),
+    ("data.num_parallel_calls", 0, "images decoded at once per host; 0 = one per CPU core"),
+    ("data.threads", 0, "tf.data's private thread pool size; 0 = TensorFlow's default"),
+    ("data.prefetch_batches", 2, "batches prepared ahead"),
+    # training
+    ("batch_size", 32, "global batch, over all devices and hosts"),
+    ("num_epochs", 4, "training length in epochs"),
+    ("num_train_steps", -1, "training length in steps; > 0 overrides num_epochs"),
+    ("learning_rate", 1e-4, "peak learning rate of the one-cycle schedule (biases get 2x)"),
+    ("log_every", 50, "steps between log lines and TensorBoard scalars"),
+    ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
+    ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
+    # evaluation
+    ("eval.batch_size", 32, "global eval batch (a multiple of the device count)"),
+    ("eval.num_examples", -1, "> 0: only the first N examples of the eval split"),
+    ("eval.metrics", (), "metrics to compute (names in `evaluation.METRICS`); empty = all"),
+    ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), "ROAD removal fractions"),
+    ("eval.ad_ic_fractions", (1.0, 0.5, 0.15), "AD/IC: fractions of the map's pixels kept"),
+    ("eval.insertion_steps", 32, "insertion/deletion: steps of the curve"),
+    ("eval.cam_layer", "", "the baselines' layer; empty = the backbone's default CAM layer"),
+    ("eval.rise_masks", 4000, "RISE: number of random masks"),
+    # multi-host
+    ("distributed.coordinator_address", "",
+     "host:port of process 0; set these three only where auto-detection fails"),
+    ("distributed.num_processes", -1, "-1 = detect (SLURM, TPU VM), 1 = never initialise"),
+    ("distributed.process_id", -1, "this process's index, with num_processes > 1"),
+)
+
+FIELD_DOCS: dict[str, str] = {name: doc for name, _, doc in FIELDS}
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Returns the full set of options with the paper's ResNet-50 defaults."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.backbone = "resnet50"
-    c.model.backbone_kwargs = ml_collections.ConfigDict()  # e.g. width for small ResNets
-    c.model.num_classes = 1000
-    c.model.layers = ("layer2", "layer3", "layer4")
-    c.model.variant = "tame"
-    c.model.max_size = 56
-    # A local torchvision state dict (.safetensors/.npz/.pth); "random" = seeded random weights,
-    # for tests and benchmarks only. The README says how to make the file once.
-    c.model.backbone_weights = "weights/resnet50.safetensors"
-    c.model.backbone_mode = "frozen"  # "train" reproduces the reference (BN batch stats, dropout)
-    c.model.selective_fusion = True
-    c.model.class_names = ()  # shown in overlays; empty = ImageNet names for 1000 classes
-    c.model.dtype = "float32"  # "bfloat16": compute in bf16, params / loss / softmax in f32
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "imagenet2012"  # | "folder" | "list" | "synthetic_shapes"
-    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-    c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
-    c.data.root = ""
-    c.data.list_file = ""
-    c.data.train_split = "train"
-    c.data.eval_split = "validation"
-    c.data.image_size = 224
-    c.data.resize_size = 256
-    c.data.synthetic_config = "default"  # synthetic_shapes size: "default" | "tiny"
-    c.data.on_bad_image = "skip"  # | "error"
-    c.data.shuffle_buffer = 16_384
-    c.data.num_parallel_calls = 0  # decoding threads per host; 0 = one per CPU core
-    c.data.threads = 0  # tf.data's private thread pool size; 0 = TensorFlow's default
-    c.data.prefetch_batches = 2
-
-    c.batch_size = 32  # global, over all devices and hosts
-    c.num_epochs = 4
-    c.num_train_steps = -1  # > 0 overrides num_epochs
-    c.learning_rate = 1e-4
-
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 32
-    c.eval.num_examples = -1  # > 0: only the first N examples of the eval split
-    c.eval.road_fractions = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
-    c.eval.ad_ic_fractions = (1.0, 0.5, 0.15)
-    c.eval.insertion_steps = 32
-    c.eval.cam_layer = ""  # baselines' layer; "" = the last of model.layers
-    c.eval.rise_masks = 4000
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # set these three only where auto-detection fails
-    c.distributed.num_processes = -1
-    c.distributed.process_id = -1
+    for name, default, _ in FIELDS:
+        *sections, leaf = name.split(".")
+        node = c
+        for s in sections:
+            if s not in node:
+                node[s] = ml_collections.ConfigDict()
+            node = node[s]
+        if default is _NONE_STR:
+            node[leaf] = ml_collections.FieldReference(None, field_type=str)
+        elif isinstance(default, dict):
+            node[leaf] = ml_collections.ConfigDict(default)
+        else:
+            node[leaf] = default
     return c
+
+
+def reference_table(config: ml_collections.ConfigDict | None = None) -> str:
+    """Returns a Markdown table of every field: name, value (default or config's), meaning."""
+    config = config if config is not None else default_config()
+    lines = ["| field | value | meaning |", "|---|---|---|"]
+    for name, _, doc in FIELDS:
+        value: Any = config
+        for part in name.split("."):
+            value = value[part]
+        if isinstance(value, ml_collections.ConfigDict):
+            value = value.to_dict()
+        lines.append(f"| `{name}` | `{value!r}` | {doc} |")
+    return "\n".join(lines) + "\n"

@@ -207,7 +207,6 @@ def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(options.items()))
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
 def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: jax.Array,
                    key: jax.Array, boxes: jax.Array | None, plan: tuple) -> dict[str, jax.Array]:
     inputs = MetricInputs(model, images, maps, classes, key, boxes)
@@ -217,15 +216,19 @@ def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: ja
     return out
 
 
+@functools.cache
+def _jitted_metrics(plan: tuple) -> Callable[..., dict[str, jax.Array]]:
+    return jax.jit(functools.partial(_batch_metrics, plan=plan))
+
+
 def batch_metrics(config: Any, with_boxes: bool) -> Callable[..., dict[str, jax.Array]]:
-    """Returns fn(model, images, maps, classes, key, boxes) -> {column: (B,)}, jitted once per
-    architecture and settings: every method evaluated in one process shares the program."""
+    """Returns jitted fn(model, images, maps, classes, key, boxes) -> {column: (B,)}: one program
+    per architecture and settings, shared by every method evaluated in the process."""
     plan = tuple((m.name, _frozen(m.options(config)))
                  for m in selected_metrics(config, with_boxes))
-    return functools.partial(_batch_metrics, plan=plan)
+    return _jitted_metrics(plan)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "options"))
 def _method_maps(model: Model, attention_vars: Any, images: jax.Array, key: jax.Array,
                  method: str, options: tuple) -> tuple[jax.Array, jax.Array]:
     classes = jnp.argmax(model.classify(images), axis=-1)
@@ -233,10 +236,15 @@ def _method_maps(model: Model, attention_vars: Any, images: jax.Array, key: jax.
                                 **dict(options)), classes
 
 
+@functools.cache
+def _jitted_maps(method: str, options: tuple) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    return jax.jit(functools.partial(_method_maps, method=method, options=options))
+
+
 def map_fn(method: str, config: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Returns fn(model, attention_vars, images, key) -> (maps (B, H, W), top-1 classes (B,))."""
+    """Returns jitted fn(model, attention_vars, images, key) -> (maps (B, H, W), classes (B,))."""
     m = get_method(method)
-    return functools.partial(_method_maps, method=m.name, options=_frozen(m.options(config)))
+    return _jitted_maps(m.name, _frozen(m.options(config)))
 
 
 # ----------------------------------------------------------------------------- the loop
