@@ -28,6 +28,10 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("model.backbone_weights", "weights/resnet50.safetensors",
      "local state dict of the backbone (.safetensors/.npz/.pth); 'random' = seeded random "
      "weights, for tests and benchmarks"),
+    ("model.backbone_weights_sha256", "",
+     "written by train: SHA-256 of the weights file; explain/evaluate warn when it differs"),
+    ("model.backbone_weights_relative", "",
+     "written by train: the weights file relative to the workdir (found after a move)"),
     ("model.backbone_mode", "frozen",
      "'frozen' explains the model as deployed; 'train' runs the backbone as the reference did "
      "(BatchNorm on batch statistics, dropout on)"),

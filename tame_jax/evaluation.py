@@ -44,6 +44,10 @@ class Method:
     # options(config) -> {name: hashable value}: what the method reads from the config
     options: Callable[[Any], dict[str, Any]] = lambda config: {}
     trained: bool = False  # needs attention variables from a training checkpoint (TAME)
+    # explain_top_k(model, attention_vars, images, classes (B, k) | None, top_k)
+    #   -> (maps (B, k, H, W), classes (B, k), logits (B, K)): maps and classification from
+    #   one forward pass, where the method has one (TAME); else `explain` classifies first
+    explain_top_k: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -87,7 +91,10 @@ def _cam_maps(method: str) -> Callable[..., jax.Array]:
     return maps
 
 
-register_method(Method("tame", _tame_maps, trained=True))
+register_method(Method(
+    "tame", _tame_maps, trained=True,
+    explain_top_k=lambda model, av, images, classes, top_k: model.explain_top_k(
+        av, images, classes, top_k)))
 for _name in cams.METHODS:
     register_method(Method(_name, _cam_maps(_name), _cam_options(_name)))
 

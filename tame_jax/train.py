@@ -7,7 +7,6 @@ position in the data. SIGTERM (a preemption notice) saves a checkpoint before ex
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tame_jax import checkpoints, cli, optim
+from tame_jax import checkpoints, cli, optim, workdirs
 from tame_jax.distributed import Preemption, setup_distributed
 from tame_jax.sharding import check_global_batch, make_mesh, replicate, shard_batch
 from tame_jax.train_step import TrainState, init_state, make_train_step
@@ -30,10 +29,10 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
 
 
 def write_config(config: Any, workdir: str) -> None:
-    """Writes workdir/config.json (process 0), which evaluate and explain read back."""
+    """Writes workdir/config.json (process 0), which evaluate and explain read back; the
+    backbone weights are recorded by absolute path, path relative to the workdir and SHA-256."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        workdirs.write_config(config, workdir)
 
 
 def check_finite(metrics: dict[str, np.ndarray], step: int, ckpt: checkpoints.Checkpointer
@@ -75,8 +74,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     from tame_jax.model import build_model
 
     setup_distributed(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdirs.absolute(workdir)
+    workdirs.makedirs(workdir)
     mesh = make_mesh()
     check_global_batch(config.batch_size, mesh)
     model = build_model(config)
