@@ -335,9 +335,12 @@ def read_lightning_checkpoint(path: str | os.PathLike
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for objects outside the allow-list
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        why = next((line for line in lines if "Unsupported global" in line),
+                   lines[0] if lines else "")
         raise ValueError(
-            f"torch.load(weights_only=True) refused {path}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}\nThe file holds Python objects besides "
+            f"torch.load(weights_only=True) refused {path}: {type(e).__name__}: {why}\n"
+            "The file holds Python objects besides "
             "tensors (e.g. in hyper_parameters or lr_schedulers). Only if you trust its source, "
             "extract the weights once: python -c \"import torch; torch.save(torch.load("
             f"'{path}', weights_only=False)['state_dict'], '{path.with_suffix('.pt')}')\" and "
