@@ -61,7 +61,14 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("num_epochs", 4, "training length in epochs"),
     ("num_train_steps", -1, "training length in steps; > 0 overrides num_epochs"),
     ("learning_rate", 1e-4, "peak learning rate of the one-cycle schedule (biases get 2x)"),
-    ("log_every", 50, "steps between log lines and TensorBoard scalars"),
+    ("log_every", 50, "steps between log lines and TensorBoard scalars (progress and ETA too)"),
+    ("image_every", 1000,
+     "steps between TensorBoard explanations: a grid of held-out images with their maps, and "
+     "AD/IC(100%) on `image_eval_examples` held-out images; 0 = never"),
+    ("image_grid", 8, "held-out images in that grid (the first of the eval split)"),
+    ("image_eval_examples", 256, "held-out images of that AD/IC(100%) check"),
+    ("profile_steps", 0,
+     "> 0: a profiler trace of that many steps (from step 10) in the workdir, for TensorBoard"),
     ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
     ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
     # evaluation

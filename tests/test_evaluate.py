@@ -120,6 +120,12 @@ def test_evaluate_gradcam_counts_each_image_once(run, tmp_path):
     terms = metrics.ad_ic(model.classify, x, maps, classes, (1.0,))
     np.testing.assert_allclose(row["ad_100"], 100 * float(terms["ad_100"].mean()), rtol=1e-3)
     np.testing.assert_allclose(row["ic_100"], 100 * float(terms["ic_100"].mean()), atol=1e-6)
+    # ... and the same numbers are in the workdir's TensorBoard events, beside training's
+    from tests.test_train import _event_values
+
+    values = _event_values(workdir)
+    np.testing.assert_allclose(values["eval/gradcam/ad_100"][-1], row["ad_100"], rtol=1e-6)
+    assert "loss" in values  # the training curves are in the same log directory
 
 
 def test_evaluate_tame_all_checkpoints_and_compare(run, tmp_path):
