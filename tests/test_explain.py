@@ -384,3 +384,49 @@ def test_evaluate_defaults_to_the_workdirs_config_with_overrides(workdir):
     assert "| `model.backbone` | `'resnet18'` |" in r.stdout  # from the workdir's config.json
     assert "| `eval.num_examples` | `7` |" in r.stdout  # the override applied
     assert "| `data.image_size` | `32` |" in r.stdout
+
+
+def test_paths_that_are_urls_are_kept_as_urls(tmp_path):
+    import hashlib
+
+    assert workdirs.absolute("gs://bucket/runs/r") == "gs://bucket/runs/r"
+    assert workdirs.join("gs://bucket/runs/r/", "config.json") == "gs://bucket/runs/r/config.json"
+    assert workdirs.join(str(tmp_path), "a") == os.path.join(str(tmp_path), "a")
+    assert workdirs.absolute("~/x") == os.path.expanduser("~/x")
+    (tmp_path / "w.npz").write_bytes(b"weights")
+    c = _config(str(tmp_path / "w.npz"))
+    workdirs.record_backbone_weights(c, "gs://bucket/runs/r")  # no relative path across them
+    assert c.model.backbone_weights == str(tmp_path / "w.npz")
+    assert c.model.backbone_weights_relative == ""
+    assert c.model.backbone_weights_sha256 == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_explain_prints_the_config_it_would_use(workdir, capsys):
+    from tame_jax.config import FIELDS
+
+    assert explain.main(["--workdir", workdir, "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "| `model.backbone` | `'resnet18'` |" in out and "| `data.image_size` | `32` |" in out
+    assert len(out.splitlines()) == len(FIELDS) + 2  # header, rule, one row per field
+
+
+def test_explaining_never_imports_tensorflow(workdir, photo_tree, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tame_jax\n"
+        "assert 'jax' not in sys.modules, 'import tame_jax is not light'\n"
+        "from tame_jax import Explainer, overlay\n"
+        "from tame_jax import explain\n"
+        f"code = explain.main([{'--workdir=' + workdir!r}, {str(photo_tree)!r}, "
+        f"'--out', {str(tmp_path / 'o')!r}])\n"
+        "assert code == 1, code  # the broken file\n"
+        "assert 'tensorflow' not in sys.modules, 'explain imported TensorFlow'\n")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                         env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "b.png.tame.png").is_file()
