@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tame_jax import workdirs
+
 # The fields of `meta` that must agree between a checkpoint and the run that restores it.
 IDENTITY_KEYS = ("backbone", "layers", "variant", "num_classes", "image_size")
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step folder as its last act
@@ -75,8 +77,8 @@ def set_aside_incomplete(directory: str) -> list[str]:
     the others have one, so this orbax writes it) was not written by a finished save: moving
     it aside keeps it for inspection, and resume and later saves of that step ignore it.
     """
-    if not os.path.isdir(directory):
-        return []
+    if workdirs.is_url(directory) or not os.path.isdir(directory):
+        return []  # on gs:// orbax's own commit markers and renames are relied on
     steps = [e.name for e in os.scandir(directory) if e.is_dir() and e.name.isdigit()]
     marked = {n for n in steps if os.path.exists(os.path.join(directory, n, COMMIT_MARKER))}
     if not marked:
@@ -98,7 +100,8 @@ def set_aside_incomplete(directory: str) -> list[str]:
 
 def _committed(directory: str, steps: list[int]) -> list[int]:
     """Returns the steps whose folder has orbax's commit marker (all, if none has one)."""
-    marked = [s for s in steps if os.path.exists(os.path.join(directory, str(s), COMMIT_MARKER))]
+    marked = [s for s in steps
+              if workdirs.exists(workdirs.join(directory, str(s), COMMIT_MARKER))]
     return marked if marked else steps
 
 
@@ -111,7 +114,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, every: int = 1000,
                  identity: Mapping[str, Any] | None = None, read_only: bool = False):
-        self.directory = os.path.join(os.fspath(os.path.abspath(workdir)), "checkpoints")
+        self.directory = workdirs.join(workdirs.absolute(workdir), "checkpoints")
         self.every = max(1, int(every))
         self.identity = dict(identity or {})
         self.read_only = read_only

@@ -28,6 +28,10 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("model.backbone_weights", "weights/resnet50.safetensors",
      "local state dict of the backbone (.safetensors/.npz/.pth); 'random' = seeded random "
      "weights, for tests and benchmarks"),
+    ("model.backbone_weights_sha256", "",
+     "written by train: SHA-256 of the weights file; explain/evaluate warn when it differs"),
+    ("model.backbone_weights_relative", "",
+     "written by train: the weights file relative to the workdir (found after a move)"),
     ("model.backbone_mode", "frozen",
      "'frozen' explains the model as deployed; 'train' runs the backbone as the reference did "
      "(BatchNorm on batch statistics, dropout on)"),
@@ -57,7 +61,14 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("num_epochs", 4, "training length in epochs"),
     ("num_train_steps", -1, "training length in steps; > 0 overrides num_epochs"),
     ("learning_rate", 1e-4, "peak learning rate of the one-cycle schedule (biases get 2x)"),
-    ("log_every", 50, "steps between log lines and TensorBoard scalars"),
+    ("log_every", 50, "steps between log lines and TensorBoard scalars (progress and ETA too)"),
+    ("image_every", 1000,
+     "steps between TensorBoard explanations: a grid of held-out images with their maps, and "
+     "AD/IC(100%) on `image_eval_examples` held-out images; 0 = never"),
+    ("image_grid", 8, "held-out images in that grid (the first of the eval split)"),
+    ("image_eval_examples", 256, "held-out images of that AD/IC(100%) check"),
+    ("profile_steps", 0,
+     "> 0: a profiler trace of that many steps (from step 10) in the workdir, for TensorBoard"),
     ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
     ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
     # evaluation

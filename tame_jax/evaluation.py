@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tame_jax import backbones, cams, checkpoints, metrics, report
+from tame_jax import backbones, cams, checkpoints, cli, metrics, report
 from tame_jax.image_ops import minmax_normalize
 from tame_jax.model import Model
 from tame_jax.sharding import check_global_batch, local_rows, make_mesh, replicate, shard_batch
@@ -44,6 +42,10 @@ class Method:
     # options(config) -> {name: hashable value}: what the method reads from the config
     options: Callable[[Any], dict[str, Any]] = lambda config: {}
     trained: bool = False  # needs attention variables from a training checkpoint (TAME)
+    # explain_top_k(model, attention_vars, images, classes (B, k) | None, top_k)
+    #   -> (maps (B, k, H, W), classes (B, k), logits (B, K)): maps and classification from
+    #   one forward pass, where the method has one (TAME); else `explain` classifies first
+    explain_top_k: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -87,7 +89,10 @@ def _cam_maps(method: str) -> Callable[..., jax.Array]:
     return maps
 
 
-register_method(Method("tame", _tame_maps, trained=True))
+register_method(Method(
+    "tame", _tame_maps, trained=True,
+    explain_top_k=lambda model, av, images, classes, top_k: model.explain_top_k(
+        av, images, classes, top_k)))
 for _name in cams.METHODS:
     register_method(Method(_name, _cam_maps(_name), _cam_options(_name)))
 
@@ -250,32 +255,6 @@ def map_fn(method: str, config: Any) -> Callable[..., tuple[jax.Array, jax.Array
 # ----------------------------------------------------------------------------- the loop
 
 
-class Progress:
-    """A one-line progress bar with ETA on stderr."""
-
-    def __init__(self, total: int | None, label: str):
-        self.total, self.label, self.start, self.done = total, label, time.perf_counter(), 0
-
-    def update(self, n: int = 1) -> None:
-        """Advances the bar by n and redraws it."""
-        self.done += n
-        elapsed = time.perf_counter() - self.start
-        if self.total:
-            frac = self.done / self.total
-            eta = elapsed / frac - elapsed if frac else 0.0
-            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-            line = (f"\r{self.label} [{bar}] {self.done}/{self.total} "
-                    f"{elapsed:.0f}s ETA {eta:.0f}s")
-        else:
-            line = f"\r{self.label} {self.done} batches {elapsed:.0f}s"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        """Ends the progress line."""
-        sys.stderr.write("\n")
-
-
 def _limited(batches: Iterator[dict], num_examples: int, global_batch: int
              ) -> Iterator[dict]:
     """Yields batches until num_examples (if > 0) are covered; invalidates any surplus."""
@@ -310,7 +289,7 @@ def evaluate_maps(config: Any, model: Model, method: str, attention_vars: Any = 
     sums: dict[str, float] = {}
     count = 0
     key = jax.random.key(config.seed)
-    progress = Progress(num_batches, label)
+    progress = cli.progress_bar(num_batches, label, unit="batch")
     percent: dict[str, bool] = {}
     for i, batch in enumerate(batches):
         with_boxes = "bbox" in batch
@@ -396,4 +375,20 @@ def run(config: Any, workdir: str, *, method: str = "tame", steps: str = "latest
         logging.info("wrote %s", ", ".join(paths.values()))
         print(report.markdown_table(rows, ["method", "step", *columns],
                                     column_formats(config, with_boxes)))
+        write_tensorboard(rows, columns, workdir)
     return rows
+
+
+def write_tensorboard(rows: list[dict[str, Any]], columns: list[str], workdir: str) -> None:
+    """Writes each row's metrics as TensorBoard scalars `eval/<method>/<column>` into the
+    training workdir, beside the training curves (a baseline's row at step 0)."""
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=False)
+    try:
+        for row in rows:
+            step = row["step"] if isinstance(row["step"], int) else 0
+            writer.write_scalars(step, {f"eval/{row['method']}/{c}": float(row[c])
+                                        for c in columns if c in row})
+    finally:
+        writer.close()

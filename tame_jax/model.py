@@ -143,6 +143,24 @@ class Model:
         c = self.class_logits(attention_vars, feats, classes, per_image=True)  # (B, S, S)
         return upsample_maps(minmax_normalize(c), images.shape[1:3]), classes, logits
 
+    def explain_top_k(self, attention_vars: Any, images: jax.Array,
+                      classes: jax.Array | None = None, top_k: int = 1
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (maps (B, k, H, W) in [0, 1], classes (B, k), logits (B, K)), one backbone pass.
+
+        classes (B, k) int, or None for each image's k most probable classes (most probable
+        first). k > 1 runs the attention module once per class on the same backbone features.
+        """
+        logits, feats = self.features(images)
+        if classes is None:
+            classes = jax.lax.top_k(logits, top_k)[1]  # (B, k)
+        b, k = classes.shape
+        if k > 1:  # image b's features repeated for each of its k classes: (B * k, ...)
+            feats = [jnp.repeat(f, k, axis=0) for f in feats]
+        c = self.class_logits(attention_vars, feats, classes.reshape(-1), per_image=True)
+        maps = upsample_maps(minmax_normalize(c), images.shape[1:3])  # (B * k, H, W)
+        return maps.reshape(b, k, *images.shape[1:3]), classes, logits
+
     def explain_full(self, attention_vars: Any, images: jax.Array
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Returns `explain`'s result computed through all K maps (the full-fusion path)."""

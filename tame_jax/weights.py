@@ -302,3 +302,83 @@ def load_tame_checkpoint(path: str | os.PathLike, template: Mapping[str, Any]) -
     template: variables or shapes of the target module (see tame_variables_from_state_dict).
     """
     return tame_variables_from_state_dict(load_state_dict(path), template)
+
+
+# --- the T-TAME release: PyTorch Lightning checkpoints (.ckpt) ---
+
+# Where a T-TAME `state_dict` keeps each part: the attention module (CNNs; for ViT it is the
+# second entry of a Sequential whose first, a token-to-map reshape, has no weights) and the
+# backbone's feature extractor (stored twice; the first copy is read).
+LIGHTNING_ATTENTION_PREFIXES = ("generic.attn_mech.1.", "generic.attn_mech.")
+LIGHTNING_BACKBONE_PREFIXES = ("generic.body.", "generic.arrangement.body.")
+
+
+def read_lightning_checkpoint(path: str | os.PathLike
+                              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Returns (state dict as numpy, hyper_parameters) of a PyTorch Lightning .ckpt file.
+
+    Read with torch.load(weights_only=True): nothing in the file is executed. Lightning's other
+    entries (epoch, global_step, optimizer_states, lr_schedulers, loops, callbacks) are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"Reading the Lightning checkpoint {path} needs PyTorch: `pip install -e \".[torch]\"`"
+            ", or convert it once where torch is installed: python -c \"import torch, numpy as "
+            f"np; sd = torch.load('{path}', weights_only=True)['state_dict']; np.savez('"
+            f"{path.with_suffix('.npz')}', **{{k: v.float().numpy() for k, v in sd.items()}})\""
+            " (the .npz loads without torch)") from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for objects outside the allow-list
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        why = next((line for line in lines if "Unsupported global" in line),
+                   lines[0] if lines else "")
+        raise ValueError(
+            f"torch.load(weights_only=True) refused {path}: {type(e).__name__}: {why}\n"
+            "The file holds Python objects besides "
+            "tensors (e.g. in hyper_parameters or lr_schedulers). Only if you trust its source, "
+            "extract the weights once: python -c \"import torch; torch.save(torch.load("
+            f"'{path}', weights_only=False)['state_dict'], '{path.with_suffix('.pt')}')\" and "
+            "pass the .pt file instead.") from e
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+        raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' entry "
+                         f"(found {sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj)})")
+    hyper = obj.get("hyper_parameters") or {}
+    return _to_numpy_dict(obj["state_dict"], path), dict(hyper) if isinstance(
+        hyper, Mapping) else {}
+
+
+def split_reference_state_dict(state_dict: Mapping[str, np.ndarray]
+                               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Returns (attention entries, backbone entries) of a T-TAME whole-model state dict, each
+    with its prefix removed; a plain attention state dict comes back whole, backbone empty."""
+    def strip(prefixes: tuple[str, ...]) -> dict[str, np.ndarray]:
+        for prefix in prefixes:
+            part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if part:  # the ViT form (attn_mech.1.) is tried first
+                return part
+        return {}
+
+    attention = strip(LIGHTNING_ATTENTION_PREFIXES)
+    if not attention:
+        return dict(state_dict), {}
+    return attention, strip(LIGHTNING_BACKBONE_PREFIXES)
+
+
+def load_reference_release(path: str | os.PathLike
+                           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """Returns (attention state dict, backbone state dict (may be empty), hyper_parameters) of a
+    reference attention checkpoint: a T-TAME Lightning .ckpt, a TAME .pt/.pth, or an .npz with
+    either form's keys."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".ckpt":
+        state_dict, hyper = read_lightning_checkpoint(path)
+    else:
+        state_dict, hyper = load_state_dict(path), {}
+    attention, backbone = split_reference_state_dict(state_dict)
+    return attention, backbone, hyper

@@ -120,6 +120,12 @@ def test_evaluate_gradcam_counts_each_image_once(run, tmp_path):
     terms = metrics.ad_ic(model.classify, x, maps, classes, (1.0,))
     np.testing.assert_allclose(row["ad_100"], 100 * float(terms["ad_100"].mean()), rtol=1e-3)
     np.testing.assert_allclose(row["ic_100"], 100 * float(terms["ic_100"].mean()), atol=1e-6)
+    # ... and the same numbers are in the workdir's TensorBoard events, beside training's
+    from tests.test_train import _event_values
+
+    values = _event_values(workdir)
+    np.testing.assert_allclose(values["eval/gradcam/ad_100"][-1], row["ad_100"], rtol=1e-6)
+    assert "loss" in values  # the training curves are in the same log directory
 
 
 def test_evaluate_tame_all_checkpoints_and_compare(run, tmp_path):
@@ -150,12 +156,14 @@ def test_explainer_api_and_reference_release_agree(run, tmp_path):
     config, workdir = run
     ex = explain.Explainer.from_checkpoint(workdir)
     images, _ = _eval_images(config, 3)
-    maps, classes, probs = ex.explain(images)
+    e = ex.explain(images)
+    maps, classes, probs = e.maps[:, 0], e.classes[:, 0], e.probabilities
     assert maps.shape == (3, 64, 64)
     # min-max normalised at S x S, then bilinearly upsampled: within [0, 1], extremes blurred.
     assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
     assert np.all(maps.max(axis=(1, 2)) > 0.8) and np.all(maps.min(axis=(1, 2)) < 0.2)
     np.testing.assert_array_equal(classes, probs.argmax(-1))
+    np.testing.assert_allclose(ex(images), maps)
     other = (classes + 1) % 10
     assert not np.allclose(ex(images, other), maps)
     with pytest.raises(ValueError, match=r"classes must be in \[0, 10\)"):
@@ -190,10 +198,11 @@ def test_explain_cli_writes_overlays_and_reports_bad_files(run, tmp_path, capsys
     bad.write_text("not an image")
     out = tmp_path / "out"
     code = explain.main(["--workdir", workdir, "--images", paths[0], str(bad), paths[1],
-                         "--top_k", "2", "--out", str(out), "--save_npy"])
+                         "--top_k", "2", "--out", str(out), "--save", "image"])
     assert code == 1
     err = capsys.readouterr().err
     assert "notes.jpg: not a readable image" in err and "1 of 3 files" in err
     for i in range(2):
-        assert os.path.getsize(out / f"img{i}_tame.png") > 5000
-        assert np.load(out / f"img{i}_maps.npy").shape == (2, 64, 64)
+        assert os.path.getsize(out / f"img{i}.png.tame.png") > 5000
+        with np.load(out / f"img{i}.png.tame.npz") as z:
+            assert z["maps"].shape == (2, 64, 64)
