@@ -64,3 +64,17 @@ def test_vit_b_16_config_is_ttames_recipe():
     assert (c.learning_rate, c.num_epochs, c.batch_size) == (1e-3, 8, 32)
     assert c.loss.mask_space == "normalized" and c.bias_lr_factor == 1.0
     assert "T-TAME" in FIELD_DOCS["loss.mask_space"] and "T-TAME" in FIELD_DOCS["bias_lr_factor"]
+
+
+def test_demo_vit_config_is_the_demo_on_a_vit():
+    from tame_jax.backbones import get_spec
+
+    c = runpy.run_path(str(CONFIGS / "demo_vit.py"))["get_config"]()
+    demo = runpy.run_path(str(CONFIGS / "demo.py"))["get_config"]()
+    spec = get_spec(c.model.backbone)
+    assert c.model.backbone == "vit_mini_16" and set(c.model.layers) <= set(spec.layer_names)
+    assert c.eval.cam_layer == spec.cam_layer and c.model.layers == spec.default_layers
+    assert (c.loss.mask_space, c.bias_lr_factor) == ("normalized", 1.0)
+    assert c.model.backbone_weights.endswith("demo_vit_mini_16.safetensors")
+    assert (c.data.image_size, c.eval.num_examples) == (demo.data.image_size,
+                                                        demo.eval.num_examples)
