@@ -60,7 +60,11 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("batch_size", 32, "global batch, over all devices and hosts"),
     ("num_epochs", 4, "training length in epochs"),
     ("num_train_steps", -1, "training length in steps; > 0 overrides num_epochs"),
-    ("learning_rate", 1e-4, "peak learning rate of the one-cycle schedule (biases get 2x)"),
+    ("learning_rate", 1e-4,
+     "peak learning rate of the one-cycle schedule (biases get bias_lr_factor times it)"),
+    ("bias_lr_factor", 2.0,
+     "biases' learning rate / the kernels' and BatchNorm scales' (TAME 2, T-TAME 1); biases "
+     "get no weight decay"),
     ("log_every", 50, "steps between log lines and TensorBoard scalars (progress and ETA too)"),
     ("image_every", 1000,
      "steps between TensorBoard explanations: a grid of held-out images with their maps, and "
@@ -71,6 +75,10 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
      "> 0: a profiler trace of that many steps (from step 10) in the workdir, for TensorBoard"),
     ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
     ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
+    # objective
+    ("loss.mask_space", "pixels",
+     "what the attention mask multiplies: 'pixels' (TAME: the [0, 1] image, a masked pixel is "
+     "black) or 'normalized' (T-TAME: the normalised input, a masked pixel is the mean colour)"),
     # evaluation
     ("eval.batch_size", 32, "global eval batch (a multiple of the device count)"),
     ("eval.num_examples", -1, "> 0: only the first N examples of the eval split"),

@@ -9,7 +9,7 @@ the same sum over all of M.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +20,24 @@ CE_COEF, AREA_COEF, VAR_COEF = 1.5, 2.0, 0.01
 AREA_EPS, AREA_POWER, BORDER_COEF = 0.0005, 0.3, 0.3
 
 
-def mask_images(x: jax.Array, own_maps: jax.Array) -> jax.Array:
+MASK_SPACES = ("pixels", "normalized")
+
+
+def mask_images(x: jax.Array, own_maps: jax.Array,
+                fill: Sequence[float] | None = None) -> jax.Array:
     """Returns x (B, H, W, 3) in [0, 1] multiplied by own_maps (B, S, S) upsampled to (H, W).
 
-    The upsampling is bilinear with half-pixel centres (PyTorch align_corners=False).
+    The upsampling is bilinear with half-pixel centres (PyTorch align_corners=False). With
+    `fill` (a colour), masking pulls pixels towards it instead of 0: fill + (x - fill) * map.
+    fill = the model's mean is T-TAME's masking of the normalised input, since
+    norm(mean + (x - mean) m) = norm(x) m.
     """
     _, h, w, _ = x.shape
     up = resize_bilinear(own_maps[..., None].astype(x.dtype), (h, w))  # (B, H, W, 1)
-    return x * up
+    if fill is None:
+        return x * up
+    fill = jnp.asarray(fill, x.dtype)
+    return fill + (x - fill) * up
 
 
 def area_sum(maps: jax.Array) -> jax.Array:
@@ -63,6 +73,7 @@ def tame_objective(
     offset: int | jax.Array,
     classify: Callable[[jax.Array], jax.Array],
     axis_name: str | None = None,
+    mask_fill: Sequence[float] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (total loss, {'loss', 'ce', 'area', 'variation', 'agreement'}) of the global batch.
 
@@ -75,6 +86,7 @@ def tame_objective(
     classify: maps masked images (b, H, W, 3) in [0, 1] to logits (b, K); it normalises itself.
     axis_name: inside shard_map, the batch mesh axis; the sums are psum'ed over it so that all
       returned values are global-batch values, identical on every device.
+    mask_fill: the colour a masked pixel takes (`mask_images`); None = black (TAME).
 
     ce = Σ_b CE / B, area = Σ (M + 0.0005)^0.3 / (B·B·S·S), variation = variation_sum(M) / (2B),
     loss = 1.5 ce + 2 area + 0.01 variation, agreement = fraction of images whose masked-image
@@ -99,7 +111,7 @@ def tame_objective(
     own = maps[jnp.arange(b), :, :, idx]  # (b, S, S)
     own_labels = jnp.take(labels, idx, axis=0)  # (b,)
 
-    logits = classify(mask_images(x, own)).astype(jnp.float32)  # (b, K)
+    logits = classify(mask_images(x, own, mask_fill)).astype(jnp.float32)  # (b, K)
     logp = jax.nn.log_softmax(logits, axis=-1)
     ce_sum = -jnp.sum(jnp.take_along_axis(logp, own_labels[:, None], axis=-1))
     agree = jnp.sum((jnp.argmax(logits, axis=-1) == own_labels).astype(jnp.float32))

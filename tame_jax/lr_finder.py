@@ -53,10 +53,11 @@ def run(config: Any, workdir: str, *, min_lr: float, max_lr: float, num_steps: i
     check_global_batch(config.batch_size, mesh)
     model = build_model(config)
     schedule = exponential_lr(min_lr, max_lr, num_steps)
-    tx = optim.make_optimizer(schedule, momentum=0.9)
+    tx = optim.make_optimizer(schedule, momentum=0.9, bias_lr_factor=config.bias_lr_factor)
     state = init_state(model, tx, jax.random.key(config.seed), mesh)
     step_fn = make_train_step(mesh, tx, backbone_mode=config.model.backbone_mode,
-                              selective_fusion=config.model.selective_fusion)
+                              selective_fusion=config.model.selective_fusion,
+                              mask_space=config.loss.mask_space)
     model = replicate(model, mesh)
     batches = data.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed)
     key = jax.random.key(config.seed)

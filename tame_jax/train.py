@@ -147,7 +147,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     model = build_model(config)
     steps_per_epoch = data.steps_per_epoch(config, config.batch_size)
     num_steps = total_steps(config, steps_per_epoch)
-    tx = optim.make_optimizer(config.learning_rate, num_steps)
+    tx = optim.make_optimizer(config.learning_rate, num_steps,
+                              bias_lr_factor=config.bias_lr_factor)
     lr_schedule = optim.one_cycle_lr(num_steps, config.learning_rate)
 
     state = init_state(model, tx, jax.random.fold_in(jax.random.key(config.seed), 1), mesh)
@@ -166,7 +167,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
 
     local_model, model = model, replicate(model, mesh)
     step_fn = make_train_step(mesh, tx, backbone_mode=config.model.backbone_mode,
-                              selective_fusion=config.model.selective_fusion)
+                              selective_fusion=config.model.selective_fusion,
+                              mask_space=config.loss.mask_space)
     batches = data.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed,
                                   start_step=start)
     chief = jax.process_index() == 0

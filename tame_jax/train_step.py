@@ -55,10 +55,16 @@ def init_state(model: Model, tx: optax.GradientTransformation, rng: jax.Array,
 
 
 def make_per_device_step(tx: optax.GradientTransformation, *, backbone_mode: str = "frozen",
-                         selective_fusion: bool = True) -> Callable:
-    """Returns the per-device step body (state, model, images, key) -> (state, loss terms)."""
+                         selective_fusion: bool = True, mask_space: str = "pixels") -> Callable:
+    """Returns the per-device step body (state, model, images, key) -> (state, loss terms).
+
+    mask_space: 'pixels' masks the [0, 1] image (TAME), 'normalized' the normalised input
+    (T-TAME: a masked pixel becomes the model's mean colour).
+    """
     if backbone_mode not in BACKBONE_MODES:
         raise ValueError(f"backbone_mode={backbone_mode!r}; choose one of {BACKBONE_MODES}")
+    if mask_space not in losses.MASK_SPACES:
+        raise ValueError(f"loss.mask_space={mask_space!r}; choose one of {losses.MASK_SPACES}")
 
     def per_device(state: TrainState, model: Model, images: jax.Array, key: jax.Array):
         b = images.shape[0]  # local batch
@@ -80,8 +86,9 @@ def make_per_device_step(tx: optax.GradientTransformation, *, backbone_mode: str
                 c, batch_stats = model.class_logits_train(variables, feats, None, BATCH_AXIS)
                 c = jnp.take(c, labels, axis=-1)
             maps = jax.nn.sigmoid(c)  # (b, S, S, B)
+            fill = model.mean if mask_space == "normalized" else None
             loss, terms = losses.tame_objective(images, maps, labels, index * b, classify,
-                                                axis_name=BATCH_AXIS)
+                                                axis_name=BATCH_AXIS, mask_fill=fill)
             return loss, (terms, batch_stats)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -111,6 +118,6 @@ def jit_step(per_device: Callable, mesh: Mesh) -> Callable:
 def make_train_step(mesh: Mesh, tx: optax.GradientTransformation, **kwargs: Any) -> Callable:
     """Returns step(state, model, images, key) -> (state, {term: value}), jitted and sharded.
 
-    kwargs: backbone_mode, selective_fusion (see `make_per_device_step`).
+    kwargs: backbone_mode, selective_fusion, mask_space (see `make_per_device_step`).
     """
     return jit_step(make_per_device_step(tx, **kwargs), mesh)

@@ -159,6 +159,8 @@ class BackboneSpec:
     convert: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]  # (state, tmpl)
     mean: tuple[float, ...] = IMAGENET_MEAN  # input normalisation: (x - mean) / std, x in [0, 1]
     std: tuple[float, ...] = IMAGENET_STD
+    # variables -> state dict in the naming `convert` reads; None: torchvision's generic naming
+    export: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}

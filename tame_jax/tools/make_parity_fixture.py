@@ -1,6 +1,6 @@
 """Writes the torchvision parity fixtures under tests/fixtures/ (needs torch + torchvision).
 
-    python -m tame_jax.tools.make_parity_fixture [--out tests/fixtures]
+    python -m tame_jax.tools.make_parity_fixture [--out tests/fixtures] [--archs vit_b_16,...]
 
 Each architecture in `PARITY_CASES` is filled with deterministic pseudo-random weights from
 `parity_state_dict` (numpy only, so the test can regenerate them without torch), run by
@@ -21,12 +21,18 @@ import numpy as np
 # arch -> (input size, layers summarised). Small inputs keep the fixture and the test fast;
 # VGG at 96 / 64 leaves 3x3 / 2x2 maps before AdaptiveAvgPool2d((7, 7)) (non-divisible case),
 # ResNet-50 at 160 has odd-sized maps (5x5 at layer4), which catches padding/stride errors.
+# ViT-B/16 at 64 px: a 4x4 patch grid (17 tokens, position embeddings made at that size); its
+# token layers are compared as torchvision's tokens with the class token dropped, reshaped.
 PARITY_CASES: dict[str, tuple[int, tuple[str, ...]]] = {
     "resnet50": (160, ("maxpool", "layer1", "layer2", "layer3", "layer4")),
     "resnet18": (64, ("layer1.1", "layer2", "layer3", "layer4")),
     "vgg16": (96, ("features.4", "features.16", "features.23", "features.30", "avgpool")),
     "vgg16_bn": (64, ("features.23", "features.33", "features.43")),
+    "vit_b_16": (64, ("conv_proj", "encoder.layers.encoder_layer_0.ln_2",
+                      "encoder.layers.encoder_layer_9.ln_1", "encoder.layers.encoder_layer_11",
+                      "encoder.ln")),
 }
+PARITY_CLASSES = {"vit_b_16": 10}  # fewer classes keep that fixture small (default 1000)
 SEED = 0
 BATCH = 2
 SLICE_CHANNELS = 16
@@ -38,20 +44,25 @@ def parity_state_dict(arch: str, seed: int = SEED) -> dict[str, np.ndarray]:
     Keys and shapes come from the Flax template (the fixture script checks them against
     torchvision with strict loading). Each tensor has its own generator seeded by (seed, key).
     Convs/linears are He-scaled so activations stay O(1) through 50 layers; BatchNorm has
-    non-trivial running statistics (mean != 0, var != 1, var > 0).
+    non-trivial running statistics (mean != 0, var != 1, var > 0); a ViT's class token and
+    position embeddings are N(0, 0.5^2).
     """
     from tame_jax.backbones import build_backbone
+    from tame_jax.backbones.vit import ARCHS as VIT_ARCHS
+    from tame_jax.backbones.vit import vit_key
     from tame_jax.weights import torch_shape, torchvision_key
 
-    module = build_backbone(arch)
+    module = build_backbone(arch, num_classes=PARITY_CLASSES.get(arch, 1000))
+    size = PARITY_CASES[arch][0] if arch in PARITY_CASES else 32  # ViT: positions per size
     shapes = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
     )
+    key_of = vit_key if arch in VIT_ARCHS else torchvision_key
     out: dict[str, np.ndarray] = {}
     for collection in ("params", "batch_stats"):
         for path, spec in jax.tree_util.tree_flatten_with_path(shapes.get(collection, {}))[0]:
             names = tuple(p.key for p in path)
-            key = torchvision_key(collection, names)
+            key = key_of(collection, names)
             out[key] = _tensor(key, torch_shape(names[-1], tuple(spec.shape)), seed)
     for key in [k for k in out if k.endswith(".running_mean")]:
         out[key.replace(".running_mean", ".num_batches_tracked")] = np.array(7, np.int64)
@@ -61,9 +72,11 @@ def parity_state_dict(arch: str, seed: int = SEED) -> dict[str, np.ndarray]:
 def _tensor(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Returns the pseudo-random tensor of one state-dict entry."""
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    if key.endswith(".weight") and len(shape) >= 2:
+    if key.endswith(("class_token", "pos_embedding")):
+        w = 0.5 * rng.standard_normal(shape)
+    elif key.endswith("weight") and len(shape) >= 2:  # also a ViT's in_proj_weight
         fan_in = int(np.prod(shape[1:]))
-        last = key.startswith(("fc.", "classifier.6."))
+        last = key.startswith(("fc.", "classifier.6.", "heads.head."))
         w = rng.standard_normal(shape, np.float32) * np.float32(
             np.sqrt((1.0 if last else 2.0) / fan_in))
     elif key.endswith("running_mean"):
@@ -93,14 +106,27 @@ def summarise(fmap: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def tokens_to_nhwc(out: np.ndarray) -> np.ndarray:
+    """Returns a torch feature as NHWC: NCHW maps transposed; ViT tokens (B, 1 + g*g, C) with
+    the class token dropped and the patches reshaped to (B, g, g, C)."""
+    if out.ndim == 4:
+        return out.transpose(0, 2, 3, 1)
+    b, n, c = out.shape
+    g = int(round((n - 1) ** 0.5))
+    return out[:, 1:].reshape(b, g, g, c)
+
+
 def torchvision_forward(arch: str, state_dict: dict[str, np.ndarray], x_nhwc: np.ndarray,
                         layers: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Returns torchvision's float32 eval-mode logits and NHWC feature maps (needs torch)."""
     import torch
     import torchvision
 
-    head = "fc.weight" if arch.startswith("resnet") else "classifier.6.weight"
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=len(state_dict[head]))
+    head = next(k for k in ("fc.weight", "classifier.6.weight", "heads.head.weight")
+                if k in state_dict)
+    kwargs = {"image_size": x_nhwc.shape[1]} if arch.startswith("vit_") else {}
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=len(state_dict[head]),
+                                              **kwargs)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
                           strict=True)
     model.eval()
@@ -113,7 +139,7 @@ def torchvision_forward(arch: str, state_dict: dict[str, np.ndarray], x_nhwc: np
         logits = model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()))
     for hook in hooks:
         hook.remove()
-    feats = {name: captured[name].numpy().transpose(0, 2, 3, 1) for name in layers}
+    feats = {name: tokens_to_nhwc(captured[name].numpy()) for name in layers}
     return logits.numpy(), feats
 
 
@@ -123,11 +149,14 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tests/fixtures")
+    parser.add_argument("--archs", default=",".join(PARITY_CASES),
+                        help="comma-separated cases to (re)write; default all")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for arch, (size, layers) in PARITY_CASES.items():
+    for arch in args.archs.split(","):
+        size, layers = PARITY_CASES[arch]
         logits, feats = torchvision_forward(arch, parity_state_dict(arch), parity_inputs(size),
                                             layers)
         arrays = {"logits": logits.astype(np.float32), "size": np.array(size),
