@@ -9,6 +9,7 @@ no torch: see `read_torch_file`) and converted into Flax variables of the module
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
 import re
@@ -131,6 +132,8 @@ class _TensorRef:
                              f"{self.stride} / offset {self.offset}")
         if 0 in self.size:
             return np.zeros(self.size, s.dtype)
+        if math.prod(self.size) > s.numel:  # an expanded (stride-0) view: torch can rebuild it
+            raise _Unsupported(f"tensor on storage {s.key} has more elements than its storage")
         last = self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride,
                                                               strict=True))
         if last >= s.numel:
@@ -262,13 +265,14 @@ def _read_pth(path: Path) -> Any:
     try:
         return read_torch_file(path)
     except NotPlainCheckpoint as e:
-        reason = (f"{path} is not a plain tensor checkpoint: its pickle names {e}, which only "
+        reason = (f"Could not read weights file {path}: it is not a plain tensor checkpoint: its "
+                  f"pickle names {e}, which only "
                   "torch's full unpickler (able to run any code) would load. Save "
                   "`model.state_dict()` instead, or convert a file you trust to .safetensors "
                   "where torch is installed.")
-    except (ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError,
-            TypeError, IndexError, AttributeError) as e:
-        reason = f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})"
+    except Exception as e:  # damaged or unusual: unpickling and zip errors of every kind
+        reason = (f"Could not read weights file {path}: not a readable torch checkpoint "
+                  f"({type(e).__name__}: {e})")
     try:
         import torch
     except ImportError:

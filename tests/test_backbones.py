@@ -39,7 +39,8 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 def test_registry_default_layers_and_names():
     assert set(BACKBONES) == {f"resnet{d}" for d in (18, 34, 50, 101, 152)} | {
-        f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")}
+        f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")} | {
+        f"efficientnet_lite{d}" for d in (0, 1, 2)}
     assert get_spec("resnet50").default_layers == ("layer2", "layer3", "layer4")
     assert get_spec("vgg16").default_layers == ("features.16", "features.23", "features.30")
     assert get_spec("vgg16_bn").default_layers == ("features.23", "features.33", "features.43")
