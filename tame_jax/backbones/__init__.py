@@ -1,9 +1,10 @@
-"""Backbone registry: torchvision ResNets, VGGs and ViTs as pure Flax modules (NHWC), and the
-`register_backbone` entry point for others (see `BackboneSpec` for the contract).
+"""Backbone registry: torchvision ResNets, VGGs and ViTs and EfficientNet-Lite0/1/2 as pure Flax
+modules (NHWC), and the `register_backbone` entry point for others (see `BackboneSpec`).
 
-Layer names are torchvision's (`layer4`, `features.30`, ...). Every returned feature map passes
-through a perturbation named `perturb_name(layer)` in the 'perturbations' collection, so
-gradients w.r.t. feature maps are `jax.grad` w.r.t. those (zero) variables.
+Layer names are those of the PyTorch state dicts (`layer4`, `features.30`, `_blocks.15`, ...).
+Every returned feature map passes through a perturbation named `perturb_name(layer)` in the
+'perturbations' collection, so gradients w.r.t. feature maps are `jax.grad` w.r.t. those (zero)
+variables.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tame_jax.backbones import resnet, vgg, vit  # noqa: F401  (each registers its backbones)
+from tame_jax.backbones import efficientnet, resnet, vgg, vit  # noqa: F401  (each registers)
 from tame_jax.backbones.common import (
     BACKBONES,
     BackboneSpec,

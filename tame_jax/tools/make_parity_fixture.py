@@ -1,11 +1,13 @@
-"""Writes the torchvision parity fixtures under tests/fixtures/ (needs torch + torchvision).
+"""Writes the PyTorch parity fixtures under tests/fixtures/ (needs torch + torchvision).
 
-    python -m tame_jax.tools.make_parity_fixture [--out tests/fixtures] [--archs vit_b_16,...]
+    python -m tame_jax.tools.make_parity_fixture [--out tests/fixtures] [--only ARCH ...]
 
 Each architecture in `PARITY_CASES` is filled with deterministic pseudo-random weights from
-`parity_state_dict` (numpy only, so the test can regenerate them without torch), run by
-torchvision in float32 on two fixed inputs, and its logits plus a compact summary of the
-feature maps are saved to `parity_<arch>.npz`. Not run by CI.
+`parity_state_dict` (numpy only, so the test can regenerate them without torch), run by the
+PyTorch reference in float32 on two fixed inputs, and its logits plus a compact summary of the
+feature maps are saved to `parity_<arch>.npz`. Not run by CI. The references: torchvision for
+the ResNets and VGGs, and for EfficientNet-Lite `TorchEfficientNetLite` below, an independent
+PyTorch transcription of Google's model (block strings, TF-"SAME" padding by explicit F.pad).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import zlib
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,10 @@ PARITY_CASES: dict[str, tuple[int, tuple[str, ...]]] = {
     "vit_b_16": (64, ("conv_proj", "encoder.layers.encoder_layer_0.ln_2",
                       "encoder.layers.encoder_layer_9.ln_1", "encoder.layers.encoder_layer_11",
                       "encoder.ln")),
+    # EfficientNet-Lite at odd sizes: stride-2 convs on odd maps (25 -> 13 -> 7 -> 4, 9 -> 5 ->
+    # 3) need TensorFlow's asymmetric "SAME" padding to agree.
+    "efficientnet_lite0": (100, ("stem", "_blocks.1", "stage3", "stage5", "stage7", "head")),
+    "efficientnet_lite2": (72, ("stage2", "stage4", "stage6", "_conv_head")),
 }
 PARITY_CLASSES = {"vit_b_16": 10}  # fewer classes keep that fixture small (default 1000)
 SEED = 0
@@ -118,8 +125,12 @@ def tokens_to_nhwc(out: np.ndarray) -> np.ndarray:
 
 def torchvision_forward(arch: str, state_dict: dict[str, np.ndarray], x_nhwc: np.ndarray,
                         layers: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Returns torchvision's float32 eval-mode logits and NHWC feature maps (needs torch)."""
+    """Returns the float32 eval-mode logits and NHWC feature maps of the PyTorch reference of
+    `arch` (torchvision, or TorchEfficientNetLite) with `state_dict` loaded (needs torch)."""
     import torch
+
+    if arch.startswith("efficientnet_lite"):
+        return efficientnet_lite_forward(arch, state_dict, x_nhwc, layers)
     import torchvision
 
     head = next(k for k in ("fc.weight", "classifier.6.weight", "heads.head.weight")
@@ -143,20 +154,142 @@ def torchvision_forward(arch: str, state_dict: dict[str, np.ndarray], x_nhwc: np
     return logits.numpy(), feats
 
 
+# ----------------------------------------------------------------------------- EfficientNet-Lite
+# An independent PyTorch model of EfficientNet-Lite, written from Google's description
+# (efficientnet_lite_builder: the B0 block strings, ReLU6, no squeeze-excitation, stem/head and
+# the first/last stage not scaled) with the state dict's module names, so that weights load
+# with strict=True. It shares no code with tame_jax.backbones.efficientnet.
+
+_B0_BLOCKS = ("r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40",
+              "r3_k3_s22_e6_i40_o80", "r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192",
+              "r1_k3_s11_e6_i192_o320")
+_LITE = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.1),
+         "efficientnet_lite2": (1.1, 1.2), "efficientnet_lite3": (1.2, 1.4),
+         "efficientnet_lite4": (1.4, 1.8)}
+
+
+def _lite_blocks(arch: str) -> list[dict[str, int]]:
+    """Returns the decoded block strings of an EfficientNet-Lite, one dict per block."""
+    width, depth = _LITE[arch]
+
+    def filters(c: int) -> int:
+        c = c * width
+        new = max(8, int(c + 4) // 8 * 8)
+        return int(new + 8 if new < 0.9 * c else new)
+
+    blocks = []
+    for i, text in enumerate(_B0_BLOCKS):
+        f = {part[0]: int(part[1:]) for part in text.split("_")}
+        repeats = f["r"] if i in (0, len(_B0_BLOCKS) - 1) else int(np.ceil(f["r"] * depth))
+        cin = 32 if i == 0 else filters(f["i"])  # the stem is not scaled
+        for r in range(repeats):
+            blocks.append({"in": cin if r == 0 else filters(f["o"]), "out": filters(f["o"]),
+                           "k": f["k"], "s": f["s"] // 10 if r == 0 else 1, "e": f["e"],
+                           "stage": i + 1})
+    return blocks
+
+
+def _torch_lite_module(arch: str, num_classes: int) -> Any:
+    """Returns TorchEfficientNetLite(arch) (a torch.nn.Module; imported lazily)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class SameConv(nn.Conv2d):
+        """Conv2d with TensorFlow's "SAME" padding: total k - 1 (stride 1) or what makes
+        ceil(n / s) outputs, the odd pixel after."""
+
+        def forward(self, x):
+            pads = []
+            for n, k, s in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
+                total = max((-(-n // s) - 1) * s + k - n, 0)
+                pads.append((total // 2, total - total // 2))
+            (top, bottom), (left, right) = pads
+            return super().forward(F.pad(x, (left, right, top, bottom)))
+
+    def bn(c):
+        return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+    class Block(nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            mid = b["in"] * b["e"]
+            self.b = b
+            if b["e"] != 1:
+                self._expand_conv = SameConv(b["in"], mid, 1, bias=False)
+                self._bn0 = bn(mid)
+            self._depthwise_conv = SameConv(mid, mid, b["k"], stride=b["s"], groups=mid,
+                                            bias=False)
+            self._bn1 = bn(mid)
+            self._project_conv = SameConv(mid, b["out"], 1, bias=False)
+            self._bn2 = bn(b["out"])
+
+        def forward(self, x):
+            h = x
+            if self.b["e"] != 1:
+                h = F.relu6(self._bn0(self._expand_conv(h)))
+            h = F.relu6(self._bn1(self._depthwise_conv(h)))
+            h = self._bn2(self._project_conv(h))
+            if self.b["s"] == 1 and self.b["in"] == self.b["out"]:
+                h = h + x
+            return h
+
+    class TorchEfficientNetLite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks_args = _lite_blocks(arch)
+            self._conv_stem = SameConv(3, 32, 3, stride=2, bias=False)
+            self._bn0 = bn(32)
+            self._blocks = nn.ModuleList(Block(b) for b in self.blocks_args)
+            self._conv_head = SameConv(self.blocks_args[-1]["out"], 1280, 1, bias=False)
+            self._bn1 = bn(1280)
+            self._fc = nn.Linear(1280, num_classes)
+
+        def forward(self, x):
+            """Returns (logits, {layer name: NCHW map}) for every tame_jax layer name."""
+            maps = {"_conv_stem": self._conv_stem(x)}
+            maps["_bn0"] = self._bn0(maps["_conv_stem"])
+            h = maps["stem"] = F.relu6(maps["_bn0"])
+            for n, block in enumerate(self._blocks):
+                h = maps[f"_blocks.{n}"] = block(h)
+                maps[f"stage{block.b['stage']}"] = h  # the last block of a stage wins
+            maps["_conv_head"] = self._conv_head(h)
+            maps["_bn1"] = self._bn1(maps["_conv_head"])
+            h = maps["head"] = F.relu6(maps["_bn1"])
+            maps["avgpool"] = h.mean(dim=(2, 3), keepdim=True)
+            return self._fc(maps["avgpool"].flatten(1)), maps
+
+    return TorchEfficientNetLite()
+
+
+def efficientnet_lite_forward(arch: str, state_dict: dict[str, np.ndarray], x_nhwc: np.ndarray,
+                              layers: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Returns TorchEfficientNetLite's float32 eval-mode logits and NHWC maps of `layers`, with
+    state_dict (lukemelas naming) loaded strictly; x_nhwc is the normalised input."""
+    import torch
+
+    model = _torch_lite_module(arch, len(state_dict["_fc.weight"]))
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                          strict=True)
+    model.eval()
+    with torch.no_grad():
+        logits, maps = model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()))
+    return logits.numpy(), {name: maps[name].numpy().transpose(0, 2, 3, 1) for name in layers}
+
+
 def main() -> None:
-    """Writes tests/fixtures/parity_<arch>.npz for every case in PARITY_CASES."""
+    """Writes tests/fixtures/parity_<arch>.npz for every case in PARITY_CASES (or --only)."""
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tests/fixtures")
-    parser.add_argument("--archs", default=",".join(PARITY_CASES),
-                        help="comma-separated cases to (re)write; default all")
+    parser.add_argument("--only", nargs="*", default=None, help="these architectures only")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for arch in args.archs.split(","):
-        size, layers = PARITY_CASES[arch]
+    for arch, (size, layers) in PARITY_CASES.items():
+        if args.only and arch not in args.only:
+            continue
         logits, feats = torchvision_forward(arch, parity_state_dict(arch), parity_inputs(size),
                                             layers)
         arrays = {"logits": logits.astype(np.float32), "size": np.array(size),
