@@ -30,7 +30,11 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
      "weights, for tests and benchmarks"),
     ("model.backbone_mode", "frozen",
      "'frozen' explains the model as deployed; 'train' runs the backbone as the reference did "
-     "(BatchNorm on batch statistics, dropout on)"),
+     "during training (BatchNorm on global-batch statistics, dropout on); labels never come "
+     "from that pass (see model.train_labels)"),
+    ("model.train_labels", "model",
+     "training labels: 'model' = the backbone's top-1 on a frozen (eval-mode) pass (model "
+     "truth); 'data' = the data's labels (the reference read them from its list files)"),
     ("model.selective_fusion", True,
      "train with class-selective fusion (only the batch's classes; same result, fewer FLOPs)"),
     ("model.class_names", (), "class names shown in overlays; empty = ImageNet's for 1000 classes"),
@@ -60,6 +64,18 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("log_every", 50, "steps between log lines and TensorBoard scalars"),
     ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
     ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
+    # the objective (DESIGN §1): loss = ce * CE + area * area term + variation * variation term
+    ("loss.ce", 1.5, "weight of the cross-entropy of the masked image against the model truth"),
+    ("loss.area", 2.0, "weight of the area term mean((M + area_eps) ** area_power)"),
+    ("loss.variation", 0.01,
+     "weight of the variation term (squared neighbour differences + border lines, over 2B)"),
+    ("loss.area_power", 0.3, "exponent of the area term"),
+    ("loss.area_eps", 0.0005, "offset added to the maps inside the area term"),
+    ("loss.border", 0.3, "weight of the four squared border lines inside the variation term"),
+    ("loss.variation_reference_batch", 0,
+     "0: the paper's variation term, a sum over the B x B maps of the global batch divided by "
+     "2B, which grows linearly with B; N > 0: that term times N / B, so that it weighs per image "
+     "at any batch what it weighs at batch N (32 = the paper's runs; the launch scripts set it)"),
     # evaluation
     ("eval.batch_size", 32, "global eval batch (a multiple of the device count)"),
     ("eval.num_examples", -1, "> 0: only the first N examples of the eval split"),
