@@ -39,6 +39,6 @@ def get_config():
     # 32 images, RISE's 500 masks and ROAD's imputation (6 linear solves) dominate evaluation.
     c.eval.num_examples = 96
     c.eval.road_fractions = (0.1, 0.5, 0.9)
-    c.eval.insertion_steps = 16
+    c.eval.insertion_step = 1024  # 16 steps at 128 x 128 (RISE: one row, 128)
     c.eval.rise_masks = 500
     return c

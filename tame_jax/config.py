@@ -79,10 +79,26 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     # evaluation
     ("eval.batch_size", 32, "global eval batch (a multiple of the device count)"),
     ("eval.num_examples", -1, "> 0: only the first N examples of the eval split"),
-    ("eval.metrics", (), "metrics to compute (names in `evaluation.METRICS`); empty = all"),
+    ("eval.num_examples_slow", -1,
+     "> 0: Score-CAM, Ablation-CAM and RISE (a forward pass per channel or mask) evaluate only "
+     "the first N examples (paired comparisons use the images both methods have)"),
+    ("eval.metrics", (),
+     "metrics to compute (names in `evaluation.METRICS`); empty = all that the data supports"),
     ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), "ROAD removal fractions"),
+    ("eval.road_variant", "gradcam",
+     "ROAD protocol: 'gradcam' = imputation and noise on the normalised input, levels chosen by "
+     "percentile as pytorch-grad-cam's ROAD; 'pixels' = on [0, 1] pixels, exactly "
+     "ceil(f * H * W) pixels per level (this package before)"),
     ("eval.ad_ic_fractions", (1.0, 0.5, 0.15), "AD/IC: fractions of the map's pixels kept"),
-    ("eval.insertion_steps", 32, "insertion/deletion: steps of the curve"),
+    ("eval.insertion_step", 0,
+     "insertion/deletion: pixels changed per step; 0 = one image row (RISE: 224 at 224 x 224)"),
+    ("eval.insertion_variant", "rise",
+     "insertion/deletion protocol: 'rise' = RISE's evaluation code (normalised input, deletion "
+     "to its zeros, insertion from an 11x11 sigma-5 blur); 'pixels' = on [0, 1] pixels, to "
+     "black and from a sigma-5 blur with mirrored borders (this package before)"),
+    ("eval.pointing_classes", ("label",),
+     "pointing game on the map of: 'label' (the ground-truth class, Zhang et al.; column "
+     "pointing) and/or 'predicted' (the explained class; column pointing_pred)"),
     ("eval.cam_layer", "", "the baselines' layer; empty = the backbone's default CAM layer"),
     ("eval.rise_masks", 4000, "RISE: number of random masks"),
     # multi-host

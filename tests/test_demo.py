@@ -41,7 +41,7 @@ def test_short_demo_writes_every_output(tmp_path):
     config.eval.batch_size = 8
     config.eval.num_examples = 8
     config.eval.road_fractions = (0.5,)
-    config.eval.insertion_steps = 4
+    config.eval.insertion_step = 1024
     config.eval.rise_masks = 16
     workdir = str(tmp_path / "demo")
     methods = ("tame", "gradcam", "rise")
