@@ -436,12 +436,20 @@ def _gather_rows(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             for k, v in local.items()}
 
 
+FirstBatch = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], None]
+
+
 def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: Any = None,
-                       label: str = "eval") -> dict[str, np.ndarray]:
+                       label: str = "eval", on_first_batch: FirstBatch | None = None
+                       ) -> dict[str, np.ndarray]:
     """Returns per-image values over the eval set: {column: (N,)} on the table's scale
     (percent columns x 100), plus 'image' (the position in the evaluation order: with one
     process, the index in the eval split), 'label' (the data's, -1 unknown) and 'class' (the
-    explained class), sorted by image."""
+    explained class), sorted by image.
+
+    on_first_batch(batch, maps, classes): called with this host's first batch and its maps
+    (B, H, W) and classes (B,) as numpy (the demo draws its grid from them).
+    """
     from tame_jax import data
 
     mesh = make_mesh()
@@ -475,6 +483,9 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
         out = metrics_of(model, arrays["image"], maps, classes, k_metrics, arrays.get("bbox"),
                          arrays.get("label"), label_maps)
         local = len(batch["valid"])
+        if i == 0 and on_first_batch is not None:
+            on_first_batch(batch, local_rows(maps).reshape(local, *maps.shape[1:]),
+                           local_rows(classes)[:local].astype(np.int64))
         first = i * global_batch + jax.process_index() * local  # this host's rows, in order
         record = {"image": np.arange(first, first + local), "valid": batch["valid"],
                   "label": np.asarray(batch["label"]), "class": local_rows(classes)[:local]}
@@ -519,9 +530,13 @@ def row_name(config: Any, method: str) -> str:
 
 
 def run(config: Any, workdir: str, *, method: str = "tame", steps: str = "latest",
-        out_dir: str | None = None) -> list[dict[str, Any]]:
+        out_dir: str | None = None, on_first_batch: FirstBatch | None = None
+        ) -> list[dict[str, Any]]:
     """Returns the table rows of one method (one per checkpoint for TAME) and writes them:
-    OUT/<name>.{csv,json,md} and the per-image values OUT/<name>.per_image.csv."""
+    OUT/<name>.{csv,json,md} and the per-image values OUT/<name>.per_image.csv.
+
+    on_first_batch: see `evaluate_per_image` (called for the first evaluated checkpoint).
+    """
     from tame_jax.model import build_model
 
     m = get_method(method)
@@ -552,11 +567,14 @@ def run(config: Any, workdir: str, *, method: str = "tame", steps: str = "latest
         for step in wanted:
             attention_vars, _ = checkpoints.restore_attention(config, workdir, model, step)
             values = evaluate_per_image(config, model, method, attention_vars,
-                                        label=f"{name} step {step}")
+                                        label=f"{name} step {step}",
+                                        on_first_batch=on_first_batch)
+            on_first_batch = None
             rows.append({"method": name, "step": step, **summarise(values)})
             per_image.append((step, values))
     else:
-        values = evaluate_per_image(config, model, method, None, label=method)
+        values = evaluate_per_image(config, model, method, None, label=method,
+                                    on_first_batch=on_first_batch)
         rows.append({"method": name, "step": "-", **summarise(values)})
         per_image.append(("-", values))
     with_boxes = any(c in rows[0] for c in metric_columns(config, True)
