@@ -57,11 +57,20 @@ def write_tables(rows: list[dict[str, Any]], columns: list[str], out_dir: str, n
                  formats: Formats | None = None,
                  per_image: Sequence[tuple[Any, PerImage]] | None = None) -> dict[str, str]:
     """Writes rows as OUT/name.csv, .json and .md, and the per-image values of each row's
-    (step, values) as OUT/name.per_image.csv; returns the paths."""
+    (step, values) as OUT/name.per_image.csv; returns the paths.
+
+    With per-image values, the Markdown shows every mean with its 95% bootstrap interval and
+    the CSV has `<column>_lo` / `<column>_hi` beside each column.
+    """
     os.makedirs(out_dir, exist_ok=True)
     head = ["method", "step", *columns, "num_images"]
     paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("csv", "json", "md")}
+    table_rows, csv_head = rows, head
     if per_image is not None:
+        table_rows = with_intervals(
+            rows, columns, {_row_key(r): v for r, (_, v) in zip(rows, per_image, strict=True)})
+        csv_head = ["method", "step", *[f"{c}{x}" for c in columns for x in ("", "_lo", "_hi")],
+                    "num_images"]
         paths["per_image"] = os.path.join(out_dir, f"{name}.per_image.csv")
         with open(paths["per_image"], "w", newline="") as f:
             w = csv.writer(f)
@@ -71,16 +80,19 @@ def write_tables(rows: list[dict[str, Any]], columns: list[str], out_dir: str, n
                     w.writerow([row["method"], step, *(int(values[k][i]) for k in PER_IMAGE_KEYS),
                                 *(repr(float(values[c][i])) for c in columns)])
     with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=head, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=csv_head, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(table_rows)
     with open(paths["json"], "w") as f:
         meta = {"columns": head, "formats": dict(formats or {}), "rows": rows}
         if per_image is not None:
             meta["per_image"] = os.path.basename(paths["per_image"])
         json.dump(meta, f, indent=1)
     with open(paths["md"], "w") as f:
-        f.write(markdown_table(rows, head, formats))
+        if per_image is None:
+            f.write(markdown_table(rows, head, formats))
+        else:
+            f.write(interval_table(table_rows, columns, formats or {}))
     return paths
 
 
