@@ -337,38 +337,47 @@ def needs_label_maps(config: Any, with_boxes: bool) -> bool:
     return any(m.needs_label_maps(config) for m in selected_metrics(config, with_boxes))
 
 
-def _method_maps(model: Model, attention_vars: Any, images: jax.Array, key: jax.Array,
-                 labels: jax.Array | None = None, valid: jax.Array | None = None, *,
-                 method: str, options: tuple) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    classes = jnp.argmax(model.classify(images), axis=-1)
-
-    def maps_of(c: jax.Array) -> jax.Array:
-        return METHODS[method].maps(model, attention_vars, images, c, key, **dict(options))
-
-    maps = maps_of(classes)
-    if labels is None:
-        return maps, classes, None
-    # Maps of the ground-truth classes: where they are the predicted ones (most images of a
-    # good classifier), the same maps; a second pass only for batches with a mismatch.
-    target = jnp.where((labels >= 0) & valid, labels, classes).astype(classes.dtype)
-    label_maps = jax.lax.cond(jnp.any(target != classes), lambda: maps_of(target),
-                              lambda: maps)
-    return maps, classes, label_maps
+def _method_maps(model: Model, attention_vars: Any, images: jax.Array, classes: jax.Array,
+                 key: jax.Array, *, method: str, options: tuple) -> jax.Array:
+    return METHODS[method].maps(model, attention_vars, images, classes, key, **dict(options))
 
 
 @functools.cache
-def _jitted_maps(method: str, options: tuple) -> Callable[..., tuple]:
+def _jitted_maps(method: str, options: tuple) -> Callable[..., jax.Array]:
     return jax.jit(functools.partial(_method_maps, method=method, options=options))
 
 
-def map_fn(method: str, config: Any) -> Callable[..., tuple]:
-    """Returns jitted fn(model, attention_vars, images, key, labels=None, valid=None) ->
-    (maps (B, H, W), classes (B,), maps of the labels' classes (B, H, W) or None).
-
-    labels (B,) ground truth (-1 unknown) and valid (B,) bool: also the maps of those classes.
-    """
+def map_fn(method: str, config: Any) -> Callable[..., jax.Array]:
+    """Returns jitted fn(model, attention_vars, images, classes, key) -> maps (B, H, W) of
+    `classes` (B,), one program per method and settings."""
     m = get_method(method)
     return _jitted_maps(m.name, _frozen(m.options(config)))
+
+
+@jax.jit
+def predict(model: Model, images: jax.Array) -> jax.Array:
+    """Returns the top-1 classes (B,) of images in [0, 1]: the classes evaluate explains."""
+    return jnp.argmax(model.classify(images), axis=-1)
+
+
+@jax.jit
+def _label_targets(labels: jax.Array, valid: jax.Array, classes: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Returns (the labels where known and valid, else the classes; whether any differs)."""
+    target = jnp.where((labels >= 0) & valid, labels, classes).astype(classes.dtype)
+    return target, jnp.any(target != classes)
+
+
+def label_maps_of(maps_of: Callable[..., jax.Array], model: Model, attention_vars: Any,
+                  images: jax.Array, key: jax.Array, classes: jax.Array, maps: jax.Array,
+                  labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Returns the maps of the data's labels (B, H, W): the explained maps where the label is
+    the explained class (a good classifier's usual case: no second pass for such a batch), else
+    those of the method run again for the labels. Every process takes the same branch."""
+    target, differs = _label_targets(labels, valid, classes)
+    if not bool(differs):  # a replicated scalar: the same answer on every host
+        return maps
+    return maps_of(model, attention_vars, images, target, key)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -478,8 +487,12 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
         names = ("image", "bbox", "label", "valid") if want_label_maps else ("image", "bbox")
         arrays = shard_batch({k: batch[k] for k in names if k in batch}, mesh)
         k_map, k_metrics = jax.random.split(jax.random.fold_in(key, i))
-        maps, classes, label_maps = maps_of(model, attention_vars, arrays["image"], k_map,
-                                            arrays.get("label"), arrays.get("valid"))
+        classes = predict(model, arrays["image"])
+        maps = maps_of(model, attention_vars, arrays["image"], classes, k_map)
+        label_maps = None
+        if want_label_maps:
+            label_maps = label_maps_of(maps_of, model, attention_vars, arrays["image"], k_map,
+                                       classes, maps, arrays["label"], arrays["valid"])
         out = metrics_of(model, arrays["image"], maps, classes, k_metrics, arrays.get("bbox"),
                          arrays.get("label"), label_maps)
         local = len(batch["valid"])

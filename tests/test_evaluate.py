@@ -263,3 +263,35 @@ def test_bootstrap_intervals_are_seeded_and_have_the_normal_width():
     assert report.verdict(diffs["a"], "higher") == "better"
     assert report.verdict(diffs["a"], "lower") == "worse"
     assert report.verdict(diffs["b"], "higher") == "no clear difference"
+
+
+def test_pointing_game_uses_the_ground_truth_class_map_and_the_predicted_apart(run, tmp_path):
+    """A toy method whose map peaks at a place set by the class: the pointing column follows
+    the labels' maps, pointing_pred the explained (predicted) classes' maps."""
+    config, workdir = run
+    config = config.copy_and_resolve_references()
+    config.eval.metrics = ("pointing",)
+    config.eval.pointing_classes = ("label", "predicted")
+
+    def peak_maps(classes, size=64):  # (B, H, W): one bright pixel at (6c, 6c)
+        c = jnp.asarray(classes)[:, None, None]
+        yy, xx = jnp.arange(size)[None, :, None], jnp.arange(size)[None, None, :]
+        return ((yy == 6 * c) & (xx == 6 * c)).astype(jnp.float32)
+
+    evaluation.register_method(evaluation.Method(
+        "classpeak", lambda model, av, x, classes, key: peak_maps(classes)))
+    try:
+        (row,) = evaluation.run(config, workdir, method="classpeak", out_dir=str(tmp_path))
+    finally:
+        del evaluation.METHODS["classpeak"]
+    per = report.read_per_image(str(tmp_path / "classpeak.per_image.csv"))[("classpeak", "-")]
+    batches = _eval_batches(config)
+    boxes = np.concatenate([b["bbox"][b["valid"]] for b in batches])
+    labels = np.concatenate([b["label"][b["valid"]] for b in batches])
+    assert (labels != per["class"]).any()  # the random backbone is often wrong: two passes
+    truth = metrics.pointing_game(peak_maps(labels), jnp.asarray(boxes))
+    pred = metrics.pointing_game(peak_maps(per["class"]), jnp.asarray(boxes))
+    np.testing.assert_array_equal(per["pointing"], 100.0 * np.asarray(truth))
+    np.testing.assert_array_equal(per["pointing_pred"], 100.0 * np.asarray(pred))
+    assert not np.array_equal(per["pointing"], per["pointing_pred"])
+    assert set(row) >= {"pointing", "pointing_pred"}
