@@ -84,7 +84,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
      "the first N examples (paired comparisons use the images both methods have)"),
     ("eval.metrics", (),
      "metrics to compute (names in `evaluation.METRICS`); empty = all that the data supports"),
-    ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), "ROAD removal fractions"),
+    ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
+     "ROAD removal fractions (MoRF, and LeRF unless eval.road_lerf_fractions is set)"),
+    ("eval.road_lerf_fractions", (), "ROAD LeRF removal fractions; empty = eval.road_fractions"),
     ("eval.road_variant", "gradcam",
      "ROAD protocol: 'gradcam' = imputation and noise on the normalised input, levels chosen by "
      "percentile as pytorch-grad-cam's ROAD; 'pixels' = on [0, 1] pixels, exactly "

@@ -179,15 +179,27 @@ def _ad_ic(inputs: MetricInputs, fractions: tuple[float, ...]) -> dict[str, jax.
     return metrics.ad_ic(inputs.classify, inputs.images, inputs.maps, inputs.classes, fractions)
 
 
-def _road(inputs: MetricInputs, fractions: tuple[float, ...], variant: str
+def _road_levels(config: Any) -> tuple[tuple[str, float], ...]:
+    """Returns the (order, fraction) levels: MoRF at eval.road_fractions, LeRF at
+    eval.road_lerf_fractions (empty: the same fractions)."""
+    lerf = tuple(config.eval.get("road_lerf_fractions", ())) or tuple(config.eval.road_fractions)
+    for f in (*config.eval.road_fractions, *lerf):
+        if not 0 < f < 1:
+            raise ValueError(f"ROAD fraction {f!r} in config.eval.road_fractions / "
+                             "road_lerf_fractions: use fractions of the pixels in (0, 1), "
+                             "e.g. 0.1 for 10%")
+    return (*(("morf", float(f)) for f in config.eval.road_fractions),
+            *(("lerf", float(f)) for f in lerf))
+
+
+def _road(inputs: MetricInputs, levels: tuple[tuple[str, float], ...], variant: str
           ) -> dict[str, jax.Array]:
     space, selection = ROAD_VARIANTS[variant]
     x, classify = _space(inputs, space)
-    orders = ("morf", "lerf")
-    kept = metrics.road_orders(classify, x, inputs.maps, inputs.classes, inputs.key, fractions,
-                               orders, selection=selection)
-    return {f"road_{order}_{_pct(f)}": kept[j, :, i].astype(jnp.float32)
-            for j, order in enumerate(orders) for i, f in enumerate(fractions)}
+    kept = metrics.road_levels(classify, x, inputs.maps, inputs.classes, inputs.key, levels,
+                               selection=selection)  # (B, L)
+    return {f"road_{order}_{_pct(f)}": kept[:, i].astype(jnp.float32)
+            for i, (order, f) in enumerate(levels)}
 
 
 def _insertion_deletion(inputs: MetricInputs, step: int, variant: str) -> dict[str, jax.Array]:
@@ -237,9 +249,8 @@ register_metric(Metric(
     better=lambda col: "lower" if col.startswith("ad_") else "higher"))
 register_metric(Metric(
     "road", _road,
-    columns=lambda c: [f"road_{o}_{_pct(f)}" for o in ("morf", "lerf")
-                       for f in c.eval.road_fractions],
-    options=lambda c: {"fractions": tuple(c.eval.road_fractions),
+    columns=lambda c: [f"road_{o}_{_pct(f)}" for o, f in _road_levels(c)],
+    options=lambda c: {"levels": _road_levels(c),
                        "variant": _choice(c, "road_variant", tuple(ROAD_VARIANTS))},
     percent=True, better=lambda col: "lower" if col.startswith("road_morf") else "higher"))
 register_metric(Metric(

@@ -200,18 +200,37 @@ def road_orders(
     num_iters: int = 100,
     selection: str = "percentile",
 ) -> jax.Array:
-    """Returns (len(orders), B, len(fractions)) bool: `road` for each order in one pass.
+    """Returns (len(orders), B, len(fractions)) bool: `road` for each order in one pass
+    (`road_levels` of every (order, fraction), orders outermost)."""
+    kept = road_levels(classify, x, maps, classes, key,
+                       [(order, fr) for order in orders for fr in fractions], noise_std,
+                       num_iters, selection)  # (B, O*F)
+    return jnp.moveaxis(kept.reshape(-1, len(orders), len(fractions)), 0, 1)
 
-    The (order, fraction) levels run one after another in a `lax.map`: one copy of the solver
-    and the classifier in the compiled program (compiling is slower than solving on a CPU), the
-    memory of one level at a time, and each level stops iterating as soon as it has converged.
-    Level i uses noise key fold_in(key, i).
+
+def road_levels(
+    classify: Classifier,
+    x: jax.Array,
+    maps: jax.Array,
+    classes: jax.Array,
+    key: jax.Array,
+    levels: Sequence[tuple[str, float]],
+    noise_std: float = 0.01,
+    num_iters: int = 100,
+    selection: str = "percentile",
+) -> jax.Array:
+    """Returns (B, len(levels)) bool: is the top-1 class kept at each (order, fraction) level?
+
+    The levels run one after another in a `lax.map`: one copy of the solver and the classifier
+    in the compiled program (compiling is slower than solving on a CPU), the memory of one
+    level at a time, and each level stops iterating as soon as it has converged. Level i uses
+    noise key fold_in(key, i).
     """
-    for order in orders:
+    for order, _ in levels:
         if order not in ("morf", "lerf"):
             raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}.")
     removed = jnp.stack([road_removal_mask(maps, fr, order, selection)
-                         for order in orders for fr in fractions])  # (O*F, B, H, W)
+                         for order, fr in levels])  # (L, B, H, W)
 
     def level(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         i, removed_i = args
@@ -219,8 +238,8 @@ def road_orders(
                               num_iters=num_iters)
         return jnp.argmax(classify(imputed), axis=-1) == classes  # (B,)
 
-    kept = jax.lax.map(level, (jnp.arange(removed.shape[0]), removed))  # (O*F, B)
-    return jnp.moveaxis(kept.reshape(len(orders), len(fractions), -1), 2, 1)
+    kept = jax.lax.map(level, (jnp.arange(removed.shape[0]), removed))  # (L, B)
+    return kept.T
 
 
 # ----------------------------------------------------------------------------------------------
