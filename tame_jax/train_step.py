@@ -18,7 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tame_jax import losses
@@ -74,12 +74,15 @@ def make_per_device_step(tx: optax.GradientTransformation, *, backbone_mode: str
     axis = BATCH_AXIS if train_mode else None  # backbone BatchNorm over the global batch
 
     def per_device(state: TrainState, model: Model, images: jax.Array, key: jax.Array,
-                   data_labels: jax.Array):
+                   data_labels: jax.Array | None):
         b = images.shape[0]  # local batch
         index = jax.lax.axis_index(BATCH_AXIS)
         key_feat, key_mask = jax.random.split(jax.random.fold_in(key, index))
         logits, feats = model.features(images, mode=backbone_mode, rng=key_feat, axis_name=axis)
         if train_labels == "data":
+            if data_labels is None:
+                raise ValueError("train_labels='data' takes the labels from the data: pass the "
+                                 "batch's labels to the step")
             local_labels = data_labels.astype(jnp.int32)
         elif train_mode:  # model truth from a deterministic pass, never the stochastic one
             local_labels = jnp.argmax(model.classify(images), -1)
@@ -120,22 +123,19 @@ def jit_step(per_device: Callable, mesh: Mesh) -> Callable:
 
     State and model replicated, images (and labels) split on `batch`; the state argument is
     donated: its buffers are reused for the new state. labels (B,) int are the data's labels,
-    used only with train_labels="data".
+    needed (only) with train_labels="data".
     """
-    sharded = jax.jit(jax.shard_map(
+    sharded = jax.shard_map(
         per_device, mesh=mesh,
         in_specs=(P(), P(), P(BATCH_AXIS), P(), P(BATCH_AXIS)),
         out_specs=(P(), P()),
-    ), donate_argnums=(0,))
+    )
 
     def step(state: TrainState, model: Model, images: jax.Array, key: jax.Array,
              labels: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-        if labels is None:  # unused by the step: zeros of the right sharding
-            labels = jnp.zeros(images.shape[:1], jnp.int32,
-                               device=NamedSharding(mesh, P(BATCH_AXIS)))
         return sharded(state, model, images, key, labels)
 
-    return step
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def make_train_step(mesh: Mesh, tx: optax.GradientTransformation, **kwargs: Any) -> Callable:
