@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
 from tame_jax import backbones, cams, checkpoints, metrics, report
 from tame_jax.image_ops import minmax_normalize
@@ -371,24 +372,59 @@ def predict(model: Model, images: jax.Array) -> jax.Array:
     return jnp.argmax(model.classify(images), axis=-1)
 
 
-@jax.jit
-def _label_targets(labels: jax.Array, valid: jax.Array, classes: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
-    """Returns (the labels where known and valid, else the classes; whether any differs)."""
+SUB_BATCH = 8  # slow methods recompute the maps of misclassified images this many at a time
+
+
+def _label_targets_fn(labels: jax.Array, valid: jax.Array, classes: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (the labels where known and valid, else the classes; the indices of the images
+    where they differ, padded with -1; how many differ)."""
     target = jnp.where((labels >= 0) & valid, labels, classes).astype(classes.dtype)
-    return target, jnp.any(target != classes)
+    differ = target != classes
+    idx = jnp.nonzero(differ, size=differ.shape[0], fill_value=-1)[0]
+    return target, idx, differ.sum()
+
+
+@functools.cache
+def _label_targets(sharding: jax.sharding.Sharding) -> Callable[..., tuple]:
+    """Returns `_label_targets_fn` jitted with replicated outputs: every host can read them."""
+    return jax.jit(_label_targets_fn, out_shardings=sharding)
+
+
+@jax.jit
+def _take_rows(images: jax.Array, target: jax.Array, idx: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    return images[jnp.maximum(idx, 0)], target[jnp.maximum(idx, 0)]
+
+
+@jax.jit
+def _put_rows(maps: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+    return maps.at[jnp.where(idx >= 0, idx, maps.shape[0])].set(rows, mode="drop")
 
 
 def label_maps_of(maps_of: Callable[..., jax.Array], model: Model, attention_vars: Any,
                   images: jax.Array, key: jax.Array, classes: jax.Array, maps: jax.Array,
-                  labels: jax.Array, valid: jax.Array) -> jax.Array:
+                  labels: jax.Array, valid: jax.Array, slow: bool = False) -> jax.Array:
     """Returns the maps of the data's labels (B, H, W): the explained maps where the label is
-    the explained class (a good classifier's usual case: no second pass for such a batch), else
-    those of the method run again for the labels. Every process takes the same branch."""
-    target, differs = _label_targets(labels, valid, classes)
-    if not bool(differs):  # a replicated scalar: the same answer on every host
+    the explained class (a good classifier's usual case), the method's maps for the label where
+    not: for the whole batch again (fast methods; nothing for a batch without a mismatch), or,
+    for slow methods, for the misclassified images only, SUB_BATCH at a time. Every process
+    takes the same branches (the decisions are replicated values)."""
+    replicated = jax.sharding.NamedSharding(labels.sharding.mesh, P())
+    target, idx, count = jax.device_get(_label_targets(replicated)(labels, valid, classes))
+    count = int(count)
+    if count == 0:
         return maps
-    return maps_of(model, attention_vars, images, target, key)
+    if not slow:
+        return maps_of(model, attention_vars, images, jnp.asarray(target), key)
+    for start in range(0, count, SUB_BATCH):
+        chunk = np.full(SUB_BATCH, -1, np.int32)
+        part = idx[start:min(start + SUB_BATCH, count)]
+        chunk[:len(part)] = part
+        sub_images, sub_target = _take_rows(images, jnp.asarray(target), jnp.asarray(chunk))
+        sub_maps = maps_of(model, attention_vars, sub_images, sub_target, key)
+        maps = _put_rows(maps, jnp.asarray(chunk), sub_maps)
+    return maps
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -503,7 +539,8 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
         label_maps = None
         if want_label_maps:
             label_maps = label_maps_of(maps_of, model, attention_vars, arrays["image"], k_map,
-                                       classes, maps, arrays["label"], arrays["valid"])
+                                       classes, maps, arrays["label"], arrays["valid"],
+                                       slow=get_method(method).slow)
         out = metrics_of(model, arrays["image"], maps, classes, k_metrics, arrays.get("bbox"),
                          arrays.get("label"), label_maps)
         local = len(batch["valid"])

@@ -265,7 +265,9 @@ def test_bootstrap_intervals_are_seeded_and_have_the_normal_width():
     assert report.verdict(diffs["b"], "higher") == "no clear difference"
 
 
-def test_pointing_game_uses_the_ground_truth_class_map_and_the_predicted_apart(run, tmp_path):
+@pytest.mark.parametrize("slow", [False, True])  # slow: only the misclassified images again
+def test_pointing_game_uses_the_ground_truth_class_map_and_the_predicted_apart(run, tmp_path,
+                                                                               slow):
     """A toy method whose map peaks at a place set by the class: the pointing column follows
     the labels' maps, pointing_pred the explained (predicted) classes' maps."""
     config, workdir = run
@@ -279,7 +281,7 @@ def test_pointing_game_uses_the_ground_truth_class_map_and_the_predicted_apart(r
         return ((yy == 6 * c) & (xx == 6 * c)).astype(jnp.float32)
 
     evaluation.register_method(evaluation.Method(
-        "classpeak", lambda model, av, x, classes, key: peak_maps(classes)))
+        "classpeak", lambda model, av, x, classes, key: peak_maps(classes), slow=slow))
     try:
         (row,) = evaluation.run(config, workdir, method="classpeak", out_dir=str(tmp_path))
     finally:

@@ -331,7 +331,7 @@ def insertion_deletion(
     AUC = (sum - first / 2 - last / 2) / n, RISE's `auc`.
     substrate "rise": `rise_blur` (11x11 kernel of sigma 5, zero padding); "gaussian": the
     `gaussian_blur` with std `blur_sigma` (this package's variant on [0, 1] pixels). The points
-    are classified `chunk` at a time, B * chunk images per call, to bound memory.
+    are classified at most `chunk` at a time, B * chunk images per call, to bound memory.
     """
     if step < 1 or chunk < 1:
         raise ValueError(f"step and chunk must be >= 1, got {step}, {chunk}.")
@@ -344,6 +344,7 @@ def insertion_deletion(
     ranks = _ranks(maps).reshape(b, 1, h, w, 1)  # (B, 1, H, W, 1)
     blurred = rise_blur(x) if substrate == "rise" else gaussian_blur(x, blur_sigma)
     num_chunks = -(-(num_steps + 1) // chunk)
+    chunk = -(-(num_steps + 1) // num_chunks)  # as even as can be: little padding classified
 
     def probs_for_chunk(ci: jax.Array) -> tuple[jax.Array, jax.Array]:
         t = jnp.minimum(ci * chunk + jnp.arange(chunk), num_steps)  # (chunk,)
