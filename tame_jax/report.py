@@ -309,14 +309,20 @@ def plot(rows: list[dict[str, Any]], path: str, formats: Formats | None = None) 
     labels = [_label(r) for r in rows]
     for ax, order, title in ((axes[0], "morf", "ROAD MoRF (lower is better)"),
                              (axes[1], "lerf", "ROAD LeRF (higher is better)")):
-        for r, label in zip(rows, labels, strict=True):
+        levels: set[float] = set()
+        for i, (r, label) in enumerate(zip(rows, labels, strict=True)):
             x, y, lo, hi = _curve(r, order)
+            levels.update(x)
+            x = np.asarray(x) + 0.8 * (i - (len(rows) - 1) / 2)  # side by side, bars apart
             line, = ax.plot(x, y, marker="o", label=label)
             if not np.isnan(lo).all():
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+                if len(x) > 1:
+                    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
                 ax.errorbar(x, y, yerr=[np.subtract(y, lo), np.subtract(hi, y)], fmt="none",
                             ecolor=line.get_color(), capsize=3)
-        ax.set_xlabel("% pixels removed")
+        ax.margins(x=0.15)
+        ax.set_xticks(sorted(levels))
+        ax.set_xlabel("% pixels removed (methods side by side)")
         ax.set_ylabel("% top-1 unchanged")
         ax.set_title(title)
         ax.grid(alpha=0.3)
