@@ -43,11 +43,9 @@ class LossConfig:
         """Returns the coefficients of a config's `loss` section (defaults where absent)."""
         if loss is None:
             return cls()
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(loss) - names)
-        if unknown:
-            raise ValueError(f"config.loss has unknown fields {unknown}; valid: {sorted(names)}")
-        out = cls(**{k: type(getattr(cls(), k))(v) for k, v in loss.items()})
+        # Other fields of config.loss (options of the step, not coefficients) are not read here.
+        names = [f.name for f in dataclasses.fields(cls)]
+        out = cls(**{k: type(getattr(cls(), k))(loss[k]) for k in names if k in loss})
         if out.variation_reference_batch < 0:
             raise ValueError(f"config.loss.variation_reference_batch="
                              f"{out.variation_reference_batch}: use 0 (off) or a batch size "

@@ -81,7 +81,9 @@ class Model:
             return self.backbone.apply(variables, xn, train=False)
         if mode != "train":
             raise ValueError(f"backbone_mode={mode!r}; choose one of {BACKBONE_MODES}")
-        backbone = self.backbone.clone(bn_axis_name=axis_name) if axis_name else self.backbone
+        backbone = self.backbone
+        if axis_name and hasattr(backbone, "bn_axis_name"):  # BatchNorm over the global batch
+            backbone = backbone.clone(bn_axis_name=axis_name)
         out, _ = backbone.apply(variables, xn, train=True, mutable=["batch_stats"],
                                 rngs=None if rng is None else {"dropout": rng})
         return out
