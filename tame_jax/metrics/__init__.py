@@ -132,10 +132,10 @@ def _percentile_threshold(sorted_v: jax.Array, q: float) -> jax.Array:
     pos = (n - 1) * (q / 100)  # numpy's virtual index, in float64 as numpy computes it
     lo = min(int(math.floor(pos)), n - 1)
     hi = min(lo + 1, n - 1)
-    t = np.float32(pos - lo)
+    t = pos - lo  # numpy's gamma, a Python float that meets float32 values as float32
     a, b = sorted_v[:, lo], sorted_v[:, hi]
     diff = b - a  # numpy's _lerp, one rounding per operation
-    return b - diff * (np.float32(1) - t) if t >= 0.5 else a + diff * t
+    return b - diff * np.float32(1 - t) if t >= 0.5 else a + diff * np.float32(t)
 
 
 def road_removal_mask(maps: jax.Array, fraction: float, order: str = "morf",
