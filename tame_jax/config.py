@@ -35,7 +35,11 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
      "written by train: the weights file relative to the workdir (found after a move)"),
     ("model.backbone_mode", "frozen",
      "'frozen' explains the model as deployed; 'train' runs the backbone as the reference did "
-     "(BatchNorm on batch statistics, dropout on)"),
+     "during training (BatchNorm on global-batch statistics, dropout on); labels never come "
+     "from that pass (see model.train_labels)"),
+    ("model.train_labels", "model",
+     "training labels: 'model' = the backbone's top-1 on a frozen (eval-mode) pass (model "
+     "truth); 'data' = the data's labels (the reference read them from its list files)"),
     ("model.selective_fusion", True,
      "train with class-selective fusion (only the batch's classes; same result, fewer FLOPs)"),
     ("model.class_names", (), "class names shown in overlays; empty = ImageNet's for 1000 classes"),
@@ -80,13 +84,43 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("loss.mask_space", "pixels",
      "what the attention mask multiplies: 'pixels' (TAME: the [0, 1] image, a masked pixel is "
      "black) or 'normalized' (T-TAME: the normalised input, a masked pixel is the mean colour)"),
+    # the objective (DESIGN §1): loss = ce * CE + area * area term + variation * variation term
+    ("loss.ce", 1.5, "weight of the cross-entropy of the masked image against the model truth"),
+    ("loss.area", 2.0, "weight of the area term mean((M + area_eps) ** area_power)"),
+    ("loss.variation", 0.01,
+     "weight of the variation term (squared neighbour differences + border lines, over 2B)"),
+    ("loss.area_power", 0.3, "exponent of the area term"),
+    ("loss.area_eps", 0.0005, "offset added to the maps inside the area term"),
+    ("loss.border", 0.3, "weight of the four squared border lines inside the variation term"),
+    ("loss.variation_reference_batch", 0,
+     "0: the paper's variation term, a sum over the B x B maps of the global batch divided by "
+     "2B, which grows linearly with B; N > 0: that term times N / B, so that it weighs per image "
+     "at any batch what it weighs at batch N (32 = the paper's runs; the launch scripts set it)"),
     # evaluation
     ("eval.batch_size", 32, "global eval batch (a multiple of the device count)"),
     ("eval.num_examples", -1, "> 0: only the first N examples of the eval split"),
-    ("eval.metrics", (), "metrics to compute (names in `evaluation.METRICS`); empty = all"),
-    ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), "ROAD removal fractions"),
+    ("eval.num_examples_slow", -1,
+     "> 0: Score-CAM, Ablation-CAM and RISE (a forward pass per channel or mask) evaluate only "
+     "the first N examples (paired comparisons use the images both methods have)"),
+    ("eval.metrics", (),
+     "metrics to compute (names in `evaluation.METRICS`); empty = all that the data supports"),
+    ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
+     "ROAD removal fractions (MoRF, and LeRF unless eval.road_lerf_fractions is set)"),
+    ("eval.road_lerf_fractions", (), "ROAD LeRF removal fractions; empty = eval.road_fractions"),
+    ("eval.road_variant", "gradcam",
+     "ROAD protocol: 'gradcam' = imputation and noise on the normalised input, levels chosen by "
+     "percentile as pytorch-grad-cam's ROAD; 'pixels' = on [0, 1] pixels, exactly "
+     "ceil(f * H * W) pixels per level (this package before)"),
     ("eval.ad_ic_fractions", (1.0, 0.5, 0.15), "AD/IC: fractions of the map's pixels kept"),
-    ("eval.insertion_steps", 32, "insertion/deletion: steps of the curve"),
+    ("eval.insertion_step", 0,
+     "insertion/deletion: pixels changed per step; 0 = one image row (RISE: 224 at 224 x 224)"),
+    ("eval.insertion_variant", "rise",
+     "insertion/deletion protocol: 'rise' = RISE's evaluation code (normalised input, deletion "
+     "to its zeros, insertion from an 11x11 sigma-5 blur); 'pixels' = on [0, 1] pixels, to "
+     "black and from a sigma-5 blur with mirrored borders (this package before)"),
+    ("eval.pointing_classes", ("label",),
+     "pointing game on the map of: 'label' (the ground-truth class, Zhang et al.; column "
+     "pointing) and/or 'predicted' (the explained class; column pointing_pred)"),
     ("eval.cam_layer", "", "the baselines' layer; empty = the backbone's default CAM layer"),
     ("eval.rise_masks", 4000, "RISE: number of random masks"),
     # multi-host

@@ -10,11 +10,14 @@ is now; --backbone_weights overrides them (a file other than the one trained wit
 
 TAME (or L-CAM-Img, the `lcam_img` variant) is restored from the checkpoints in DIR, one table
 row per checkpoint; a baseline needs no checkpoint and gives one row. Every method's maps are
-min-max normalised per image to [0, 1] and go through the same metrics (DESIGN §1): AD and IC
-at 100/50/15%, ROAD MoRF and LeRF, insertion and deletion AUC, top-1 agreement of the masked
-image with the explained class, and, where the data has object boxes, the pointing game and
-the share of map energy inside the box. Results go to OUT/<method>.{csv,json,md}. Methods and
-metrics come from the registries in `tame_jax.evaluation`.
+min-max normalised per image to [0, 1] and go through the same metrics, each as its authors
+defined it (README, "Metrics and baselines"): AD and IC at 100/50/15%, ROAD MoRF and LeRF,
+insertion and deletion AUC, top-1 agreement of the masked image with the explained class, and,
+where the data has object boxes, the pointing game (on the ground-truth class's map) and the
+share of map energy inside the box. Results go to OUT/<method>.{csv,json,md} (means with 95%
+bootstrap intervals) and OUT/<method>.per_image.csv (every image's values); `tame_jax.compare`
+sets methods side by side. Methods and metrics come from the registries in
+`tame_jax.evaluation`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from tame_jax.image_ops import minmax_normalize, normalize, resize_bilinear
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BACKBONE_MODES = ("frozen", "train")
+TRAIN_LABELS = ("model", "data")  # model truth from a frozen pass, or the data's labels
 
 
 def compute_dtype(name: str) -> Any:
@@ -44,7 +45,8 @@ class Model:
     """A backbone with its variables (the pytree's leaves) and the attention module (static).
 
     backbone_mode "frozen": BatchNorm on stored statistics, no dropout (the model as deployed);
-    "train": BatchNorm on batch statistics and dropout on, as the reference implementation ran.
+    "train": BatchNorm on (global-)batch statistics and dropout on, as the reference
+    implementation ran the backbone while training the attention module.
     """
 
     backbone_vars: Any
@@ -63,10 +65,12 @@ class Model:
         return normalize(images, self.mean, self.std)
 
     def apply_backbone(self, xn: jax.Array, *, mode: str = "frozen",
-                       rng: jax.Array | None = None, perturbations: Any = None
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       rng: jax.Array | None = None, perturbations: Any = None,
+                       axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (logits (B, K), {layer: map}) of the backbone on normalised input xn.
 
+        mode "train": BatchNorm on batch statistics, taken over `axis_name` too (the global
+        batch inside shard_map), and dropout on (rng). The running statistics are not updated.
         perturbations: a 'perturbations' collection added to the tapped maps (the CAMs' way to
         get gradients w.r.t. a feature map, or to ablate its channels).
         """
@@ -77,20 +81,26 @@ class Model:
             return self.backbone.apply(variables, xn, train=False)
         if mode != "train":
             raise ValueError(f"backbone_mode={mode!r}; choose one of {BACKBONE_MODES}")
-        out, _ = self.backbone.apply(variables, xn, train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": rng})
+        backbone = self.backbone
+        if axis_name and hasattr(backbone, "bn_axis_name"):  # BatchNorm over the global batch
+            backbone = backbone.clone(bn_axis_name=axis_name)
+        out, _ = backbone.apply(variables, xn, train=True, mutable=["batch_stats"],
+                                rngs=None if rng is None else {"dropout": rng})
         return out
 
     def features(self, images: jax.Array, *, mode: str = "frozen",
-                 rng: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+                 rng: jax.Array | None = None, axis_name: str | None = None
+                 ) -> tuple[jax.Array, list[jax.Array]]:
         """Returns (logits (B, K), [maps of `layers`, largest first]) of images in [0, 1]."""
-        logits, feats = self.apply_backbone(self.normalize(images), mode=mode, rng=rng)
+        logits, feats = self.apply_backbone(self.normalize(images), mode=mode, rng=rng,
+                                            axis_name=axis_name)
         return logits, [feats[name] for name in self.layers]
 
     def classify(self, images: jax.Array, *, mode: str = "frozen",
-                 rng: jax.Array | None = None) -> jax.Array:
+                 rng: jax.Array | None = None, axis_name: str | None = None) -> jax.Array:
         """Returns the logits (B, K) of images (B, H, W, 3) in [0, 1]."""
-        return self.apply_backbone(self.normalize(images), mode=mode, rng=rng)[0]
+        return self.apply_backbone(self.normalize(images), mode=mode, rng=rng,
+                                   axis_name=axis_name)[0]
 
     def with_taps(self, layers: Sequence[str]) -> Model:
         """Returns the same model with its backbone returning `layers` (e.g. a CAM layer)."""
@@ -221,6 +231,9 @@ def build_model(config: Any, rng: jax.Array | None = None) -> Model:
     if config.model.backbone_mode not in BACKBONE_MODES:
         raise ValueError(f"config.model.backbone_mode={config.model.backbone_mode!r}; choose "
                          f"one of {BACKBONE_MODES}")
+    if config.model.get("train_labels", "model") not in TRAIN_LABELS:
+        raise ValueError(f"config.model.train_labels={config.model.train_labels!r}; choose "
+                         f"one of {TRAIN_LABELS}")
     backbone = backbones.build_backbone(
         config.model.backbone, num_classes=config.model.num_classes, layers=layers, dtype=dtype,
         **dict(config.model.get("backbone_kwargs", {})))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tame_jax import checkpoints, cli, metrics, optim, viz, workdirs
+from tame_jax import checkpoints, cli, losses, metrics, optim, viz, workdirs
 from tame_jax.distributed import Preemption, setup_distributed
 from tame_jax.model import Model
 from tame_jax.sharding import check_global_batch, make_mesh, replicate, shard_batch
@@ -132,6 +132,33 @@ class ExplanationMonitor:
         return scalars
 
 
+def check_train_labels(config: Any) -> None:
+    """Raises ValueError, before anything is written, if the labels training needs are missing.
+
+    model.train_labels="data" takes the labels from the data: every training example must have
+    one (a list file of `relative/path label` lines, a folder, or a labelled tfds set).
+    """
+    from tame_jax.model import TRAIN_LABELS
+
+    mode = config.model.get("train_labels", "model")
+    if mode not in TRAIN_LABELS:
+        raise ValueError(f"config.model.train_labels={mode!r}; choose one of {TRAIN_LABELS}")
+    if mode != "data" or config.data.source != "list":
+        return
+    from tame_jax.data.sources import read_list_file
+
+    split = config.data.get("train_split", "train")
+    _, labels = read_list_file(config, split)
+    missing = sum(label < 0 for label in labels)
+    if missing:
+        raise ValueError(
+            f"config.model.train_labels='data' needs a label for every training image, but "
+            f"{missing} of the {len(labels)} lines of the list file have none: write "
+            "`relative/path label` lines (e.g. the frozen model's predictions, as the reference "
+            "did), or set config.model.train_labels='model' to take the model truth from a "
+            "frozen pass")
+
+
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     """Returns the final train state after training TAME as the config says (resuming)."""
     from clu import metric_writers, periodic_actions  # import TensorFlow: not at module import
@@ -140,6 +167,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     from tame_jax.model import build_model
 
     setup_distributed(config)
+    check_train_labels(config)
+    losses.LossConfig.from_config(config.get("loss"))  # a bad coefficient fails before any write
     workdir = workdirs.absolute(workdir)
     workdirs.makedirs(workdir)
     mesh = make_mesh()
@@ -168,7 +197,10 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     local_model, model = model, replicate(model, mesh)
     step_fn = make_train_step(mesh, tx, backbone_mode=config.model.backbone_mode,
                               selective_fusion=config.model.selective_fusion,
+                              train_labels=config.model.train_labels,
+                              loss=losses.LossConfig.from_config(config.get("loss")),
                               mask_space=config.loss.mask_space)
+    data_labels = config.model.train_labels == "data"
     batches = data.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed,
                                   start_step=start)
     chief = jax.process_index() == 0
@@ -190,8 +222,11 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     pending = None  # (step, metrics) of the previous step: checked one step late, no stall
     try:
         for step in range(start, num_steps):
-            images = shard_batch({"image": next(batches)["image"]}, mesh)["image"]
-            state, metrics = step_fn(state, model, images, jax.random.fold_in(key, step))
+            batch = next(batches)
+            arrays = shard_batch({k: batch[k] for k in (("image", "label") if data_labels
+                                                         else ("image",))}, mesh)
+            state, metrics = step_fn(state, model, arrays["image"], jax.random.fold_in(key, step),
+                                     arrays.get("label"))
             if pending is not None:
                 check_finite(jax.device_get(pending[1]), pending[0], ckpt)
             pending = (step + 1, metrics)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from tame_jax import backbones, optim
 from tame_jax.attention import TAMEAttention
@@ -38,31 +39,46 @@ def _setup(variant="tame", vit=False):
     return model, init_state(model, tx, jax.random.key(1)), tx
 
 
-def _run(devices, steps, variant="tame", selective=True, vit=False):
+def _images(i):
+    return np.random.default_rng(i).uniform(size=(16, IMAGE, IMAGE, 3)).astype(np.float32)
+
+
+def _run(devices, steps, variant="tame", selective=True, backbone_mode="frozen",
+         labels_of=None, vit=False):
+    """Returns (final state, per-step metrics); labels_of(images) gives data labels if set."""
     model, state, tx = _setup(variant, vit)
     mesh = make_mesh(devices)
-    per_device = make_per_device_step(tx, selective_fusion=selective,
+    per_device = make_per_device_step(tx, selective_fusion=selective, backbone_mode=backbone_mode,
+                                      train_labels="data" if labels_of else "model",
                                       mask_space="normalized" if vit else "pixels")
     step = jit_step(chex.assert_max_traces(per_device, n=1), mesh)
     state, model = replicate(state, mesh), replicate(model, mesh)
-    rng = np.random.default_rng(0)
     history = []
     for i in range(steps):
-        images = rng.uniform(size=(16, IMAGE, IMAGE, 3)).astype(np.float32)
-        batch = shard_batch({"image": images}, mesh)
-        state, metrics = step(state, model, batch["image"], jax.random.key(i))
+        images = _images(i)
+        batch = {"image": images}
+        if labels_of:
+            batch["label"] = labels_of(model, images)
+        batch = shard_batch(batch, mesh)
+        state, metrics = step(state, model, batch["image"], jax.random.key(i), batch.get("label"))
         history.append(jax.device_get(metrics))
     return jax.device_get(state), history
 
 
-@pytest.mark.parametrize("variant,vit", [("tame", False), ("noskip", False), ("tame", True)])
-def test_eight_devices_equal_one_device(variant, vit):
-    """ResNet and ViT (T-TAME: 4x4 token maps, masks on the normalised input)."""
+@pytest.mark.parametrize("variant,backbone_mode,vit", [
+    ("tame", "frozen", False), ("noskip", "frozen", False), ("tame", "train", False),
+    ("tame", "frozen", True)])
+def test_eight_devices_equal_one_device(variant, backbone_mode, vit):
+    """ResNet and ViT (T-TAME: 4x4 token maps, masks on the normalised input).
+
+    backbone_mode "train": the ResNet's BatchNorm takes global-batch statistics, so 8 devices
+    of 2 images normalise as one device of 16 (per-device statistics would not: see below).
+    """
     assert jax.device_count() >= 8, "conftest.py should fake 8 CPU devices"
     chex.clear_trace_counter()
-    one, hist1 = _run(jax.devices()[:1], 2, variant, vit=vit)
+    one, hist1 = _run(jax.devices()[:1], 2, variant, backbone_mode=backbone_mode, vit=vit)
     chex.clear_trace_counter()
-    eight, hist8 = _run(jax.devices()[:8], 2, variant, vit=vit)
+    eight, hist8 = _run(jax.devices()[:8], 2, variant, backbone_mode=backbone_mode, vit=vit)
     for m1, m8 in zip(hist1, hist8, strict=True):
         chex.assert_trees_all_close(m1, m8, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(one.params, eight.params, rtol=1e-5, atol=1e-6)
@@ -72,6 +88,29 @@ def test_eight_devices_equal_one_device(variant, vit):
     delta = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), one.params,
                                    init.params)
     assert max(jax.tree_util.tree_leaves(delta)) > 1e-6
+    if backbone_mode == "train":
+        _check_train_mode(one)
+
+
+def _check_train_mode(default_state):
+    """Batch statistics are global, and the step's labels are the frozen pass's argmax."""
+    model, _, _ = _setup()
+    x = jnp.asarray(_images(0))
+    frozen = np.asarray(model.classify(x))
+    train = np.asarray(model.classify(x, mode="train"))
+    assert np.abs(train - frozen).max() > 1e-2  # batch statistics change the logits
+    mesh = make_mesh(jax.devices()[:8])
+    local = jax.jit(jax.shard_map(lambda m, xs: m.classify(xs, mode="train"), mesh=mesh,
+                                  in_specs=(P(), P("batch")), out_specs=P("batch")))(
+        replicate(model, mesh), x)
+    assert np.abs(np.asarray(local) - train).max() > 1e-3  # per-device statistics differ
+    # Labels from the training-mode pass would differ from the frozen ones on this batch, so a
+    # step that took them would not equal the step given the frozen labels as data labels.
+    assert (frozen.argmax(-1) != train.argmax(-1)).any()
+    chex.clear_trace_counter()
+    same, _ = _run(jax.devices()[:1], 2, backbone_mode="train",
+                   labels_of=lambda m, im: np.asarray(m.classify(jnp.asarray(im))).argmax(-1))
+    chex.assert_trees_all_close(default_state.params, same.params, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("vit", [False, True])
