@@ -31,6 +31,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("model.backbone_mode", "frozen",
      "'frozen' explains the model as deployed; 'train' runs the backbone as the reference did "
      "(BatchNorm on batch statistics, dropout on)"),
+    ("model.fast_path", True,
+     "frozen passes fold the backbone's BatchNorm into its convolutions and prepare the "
+     "input-gradient kernels once (same results to float precision; off = the plain forward)"),
     ("model.selective_fusion", True,
      "train with class-selective fusion (only the batch's classes; same result, fewer FLOPs)"),
     ("model.class_names", (), "class names shown in overlays; empty = ImageNet's for 1000 classes"),
