@@ -1,6 +1,7 @@
 """The frozen backbone's fast path (BatchNorm folded, prepared input-gradient kernels) computes
 the same maps, logits and input gradients as the plain forward, for every backbone family."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +132,21 @@ def test_every_registered_backbone_folds_every_batchnorm(name):
     kernels = {path[:-1] for path, v in traverse_util.flatten_dict(
         dict(variables["params"])).items() if path[-1] == "kernel" and v.ndim == 4}
     assert set(plan.by_conv) == kernels  # every convolution gets the prepared gradient kernel
+
+
+@pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
+def test_max_pool_equals_flax_and_its_gradient(window, stride, padding):
+    """Values bitwise, gradients to float precision, ties included (the first maximum)."""
+    from tame_jax.backbones.common import max_pool
+
+    x = jax.random.normal(jax.random.key(0), (2, 11, 10, 4))
+    pads = ((padding, padding), (padding, padding))
+    ref = lambda x: nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+    ours = lambda x: max_pool(x, window, stride, padding)
+    np.testing.assert_array_equal(ours(x), ref(x))
+    ct = jax.random.normal(jax.random.key(1), ref(x).shape)
+    # Many equal values in a window; the gradient passes straight through the rounding.
+    ties = lambda x: x + jax.lax.stop_gradient(jnp.round(4 * x) / 4 - x)
+    for f in (lambda x: x, jax.nn.relu, ties):
+        grad = lambda pool, f=f: jax.grad(lambda x: jnp.sum(pool(f(x)) * ct))(x)
+        np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-6, atol=1e-6)
