@@ -102,3 +102,18 @@ def test_missing_torch_says_how_to_install(monkeypatch):
 
     with pytest.raises(SystemExit, match=r"\.\[torch\]"):
         bench.main(["--vs-torch", "--quick", "--out="])
+
+
+def test_road_comparison_removes_the_same_pixels_as_gradcam():
+    """The --eval ROAD comparison does equal work: pytorch-grad-cam's ROAD on the same images,
+    maps and classifier keeps the same top-1 classes as ours, level by level (up to the
+    imputation noise), so its percentiles name the same removed fractions."""
+    pytest.importorskip("pytorch_grad_cam")
+    from tame_jax import bench_compare
+
+    r = bench_compare.road_speed(num_images=4, rounds=1, batch=4, backbone="resnet18",
+                                 image_size=32)
+    ours, theirs = np.asarray(r["kept_ours"]), np.asarray(r["kept_gradcam"])
+    assert ours.shape == theirs.shape == (2, len(bench_compare.ROAD_FRACTIONS))
+    assert np.abs(ours - theirs).mean() <= 0.1  # at most a few of the 56 (image, level) pairs
+    assert r["speedup"]["median"] > 0 and r["ours_images_per_s"] > 0

@@ -73,12 +73,12 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 def kind(name: str, op_name: str) -> str:
     """Returns the kind of an executed op from its HLO name and JAX op_name."""
-    library = name.startswith(("ynn_fusion", "xnn_fusion", "onednn")) or re.match(
-        r"(convolution|conv_general|dot)", name)
-    if library:
-        what = "conv" if "conv" in op_name or "conv" in name else "matmul"
-        grad = "input-gradient " if "transpose(" in op_name else ""
+    grad = "input-gradient " if "transpose(" in op_name else ""
+    what = "conv" if "conv" in op_name or "conv" in name else "matmul"
+    if name.startswith(("ynn_fusion", "xnn_fusion", "onednn")):
         return f"{grad}{what} (library call)"
+    if re.match(r"(convolution|conv_general|dot)", name):
+        return f"{grad}{what} (XLA's own loops, outside the library)"
     if name.startswith(("transpose", "copy")) or "_transpose" in name:
         return "transpose / copy"
     if any(k in name for k in ("reduce-window", "reduce_window", "select-and-scatter",
