@@ -128,7 +128,8 @@ def make_plan(module: nn.Module, variables: Mapping[str, Any], image_size: int,
         with nn.intercept_methods(record):
             _, maps = probe.apply(variables, x, train=False)
         for conv, out in convs:
-            bn = next((m for m, inp in bns if inp is out), None)
+            readers = [m for m, inp in bns if inp is out]
+            bn = readers[0] if len(readers) == 1 else None  # two BNs on one conv: fold none
             taps = tuple(name for name, m in maps.items() if m is out)
             entry = _entry_of(conv, bn, taps)
             if entry is not None:
@@ -266,7 +267,7 @@ def apply(module: nn.Module, variables: Mapping[str, Any], plan: FrozenPlan,
             if isinstance(context.module, nn.BatchNorm) and path in plan.folded_bns:
                 return call_args[0]
             entry = plan.by_conv.get(path) if isinstance(context.module, nn.Conv) else None
-            if entry is not None and call_args[0].ndim == 4:
+            if entry is not None:
                 return _apply_conv(context.module, entry, folded[entry.key], call_args[0])
         return next_fun(*call_args, **call_kwargs)
 
