@@ -2,6 +2,9 @@
 
 `python -m tame_jax.bench [--backbones=resnet50,vgg16] [--batch=8] [--dtype=float32]
 [--image_size=224] [--steps=5] [--out=bench.json] [--quick]`
+`python -m tame_jax.bench --vs-torch [--rounds=3] [--steps=2] [...]`: ours against a PyTorch
+TAME, alternated (`tame_jax.bench_compare`); `python -m tame_jax.bench --eval`: evaluation
+speed per method on the demo, and ROAD against pytorch-grad-cam's.
 
 For each backbone (random weights; speed does not depend on them) and each dtype it measures,
 on one device (the first one; numbers are per chip):
@@ -28,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tame_jax import backbones, optim
+from tame_jax import backbones, bench_compare, optim, torch_tame
 from tame_jax.config import default_config
 from tame_jax.model import Model, build_model, compute_dtype
 from tame_jax.sharding import make_mesh, replicate, shard_batch
@@ -213,9 +216,54 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: resnet18 width 16, 64 px, batch 2, 1 step")
+    parser.add_argument("--vs-torch", dest="vs_torch", action="store_true",
+                        help="ours against a PyTorch TAME, alternated (needs the [torch] extra)")
+    parser.add_argument("--rounds", type=int, default=3, help="--vs-torch/--eval: A B rounds")
+    parser.add_argument("--torch_channels_last", action="store_true",
+                        help="--vs-torch: torch in channels_last memory format (NCHW default)")
+    parser.add_argument("--eval", action="store_true", help="evaluation speed: every method "
+                        "on the demo, and ROAD against pytorch-grad-cam's")
+    parser.add_argument("--eval_methods", default="tame,gradcam,gradcampp,scorecam,"
+                        "ablationcam,rise")
+    parser.add_argument("--eval_images", type=int, default=32,
+                        help="--eval: images per method on the demo")
+    parser.add_argument("--road_images", type=int, default=8,
+                        help="--eval: ResNet-50 images for the ROAD comparison")
+    parser.add_argument("--road_batch", type=int, default=8)
+    parser.add_argument("--no_gradcam", action="store_true",
+                        help="--eval: our ROAD only (no pytorch-grad-cam)")
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.vs_torch or (args.eval and not args.no_gradcam):
+        try:  # before any work: say what is missing and how to get it
+            torch_tame.import_torch()
+        except ImportError as e:
+            raise SystemExit(str(e)) from e
+    if args.vs_torch:
+        if args.quick:
+            bench = bench_compare.vs_torch(("resnet18",), batch=2, image_size=64, rounds=1,
+                                           steps=1, num_classes=100,
+                                           channels_last=args.torch_channels_last)
+        else:
+            bench = bench_compare.vs_torch(
+                [b for b in args.backbones.split(",") if b], batch=args.batch,
+                image_size=args.image_size, rounds=args.rounds, steps=args.steps,
+                channels_last=args.torch_channels_last)
+        table = bench_compare.format_vs_torch(bench)
+    elif args.eval and args.quick:
+        bench = bench_compare.eval_speed(("tame", "gradcam"), num_images=1, rounds=1,
+                                         road_images=2, road_batch=2,
+                                         vs_gradcam=not args.no_gradcam,
+                                         road_backbone="resnet18", road_image_size=64)
+        table = bench_compare.format_eval(bench)
+    elif args.eval:
+        bench = bench_compare.eval_speed(
+            [m for m in args.eval_methods.split(",") if m], num_images=args.eval_images,
+            rounds=args.rounds, road_images=args.road_images, road_batch=args.road_batch,
+            vs_gradcam=not args.no_gradcam)
+        table = bench_compare.format_eval(bench)
+    elif args.quick:
         bench = run_quick()
+        table = format_table(bench)
     else:
         dtypes = [d for d in args.dtype.split(",") if d]
         for d in dtypes:
@@ -223,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bench = run_benchmark(backbones=[b for b in args.backbones.split(",") if b],
                               batch=args.batch, dtypes=dtypes, image_size=args.image_size,
                               steps=args.steps)
-    print(format_table(bench))
+        table = format_table(bench)
+    print(table)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(bench, f, indent=2)

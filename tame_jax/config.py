@@ -40,6 +40,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("model.train_labels", "model",
      "training labels: 'model' = the backbone's top-1 on a frozen (eval-mode) pass (model "
      "truth); 'data' = the data's labels (the reference read them from its list files)"),
+    ("model.fast_path", True,
+     "frozen passes fold the backbone's BatchNorm into its convolutions and prepare the "
+     "input-gradient kernels once (same results to float precision; off = the plain forward)"),
     ("model.selective_fusion", True,
      "train with class-selective fusion (only the batch's classes; same result, fewer FLOPs)"),
     ("model.class_names", (), "class names shown in overlays; empty = ImageNet's for 1000 classes"),

@@ -11,6 +11,7 @@ mean and std.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from tame_jax import backbones, weights
 from tame_jax.attention import TAMEAttention
+from tame_jax.backbones import frozen
 from tame_jax.image_ops import minmax_normalize, normalize, resize_bilinear
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -47,6 +49,10 @@ class Model:
     backbone_mode "frozen": BatchNorm on stored statistics, no dropout (the model as deployed);
     "train": BatchNorm on (global-)batch statistics and dropout on, as the reference
     implementation ran the backbone while training the attention module.
+
+    frozen_vars / frozen_plan: the frozen passes' fast path (`with_fast_path`, made by
+    `build_model`): BatchNorm folded into the convolutions and the input-gradient kernels
+    prepared once. `replace(backbone_vars=...)` refolds them, so they never go stale.
     """
 
     backbone_vars: Any
@@ -57,6 +63,20 @@ class Model:
     mean: tuple[float, ...] = _static(default=backbones.common.IMAGENET_MEAN)
     std: tuple[float, ...] = _static(default=backbones.common.IMAGENET_STD)
     backbone_mode: str = _static(default="frozen")
+    frozen_vars: Any = None  # {conv: {'kernel', 'kernel_t', ['bias']}} (backbones.frozen.fold)
+    frozen_plan: frozen.FrozenPlan | None = _static(default=None)
+
+    def with_fast_path(self) -> Model:
+        """Returns the model with the frozen passes' fast path (BatchNorm folded, input-gradient
+        kernels prepared), the same function of the input to float precision; a model whose
+        backbone_mode is 'train' is returned unchanged (its BatchNorm uses batch statistics)."""
+        if self.backbone_mode == "train":
+            return self
+        spec = backbones.get_spec(self.backbone.arch)
+        plan = frozen.make_plan(self.backbone, self.backbone_vars, self.image_size,
+                                spec.layer_names).without_taps(self.layers)
+        return dataclasses.replace(self, frozen_plan=plan,
+                                   frozen_vars=frozen.fold(plan, self.backbone_vars))
 
     # ----------------------------------------------------------------- backbone
 
@@ -78,6 +98,9 @@ class Model:
         if perturbations is not None:
             variables["perturbations"] = perturbations
         if mode == "frozen":
+            if self.frozen_plan is not None:
+                return frozen.apply(self.backbone, variables, self.frozen_plan, self.frozen_vars,
+                                    xn, train=False)
             return self.backbone.apply(variables, xn, train=False)
         if mode != "train":
             raise ValueError(f"backbone_mode={mode!r}; choose one of {BACKBONE_MODES}")
@@ -104,8 +127,9 @@ class Model:
 
     def with_taps(self, layers: Sequence[str]) -> Model:
         """Returns the same model with its backbone returning `layers` (e.g. a CAM layer)."""
+        plan = self.frozen_plan and self.frozen_plan.without_taps(layers)
         return self.replace(backbone=self.backbone.clone(layers=tuple(layers)),
-                            layers=tuple(layers))
+                            layers=tuple(layers), frozen_plan=plan)
 
     # ----------------------------------------------------------------- attention
 
@@ -181,6 +205,17 @@ class Model:
         return upsample_maps(minmax_normalize(c), images.shape[1:3]), classes, logits
 
 
+def _replace(self: Model, **updates: Any) -> Model:
+    """Returns a copy with fields replaced; new backbone weights are refolded (fast path)."""
+    if ("backbone_vars" in updates and "frozen_vars" not in updates
+            and self.frozen_plan is not None):
+        updates["frozen_vars"] = frozen.fold(self.frozen_plan, updates["backbone_vars"])
+    return dataclasses.replace(self, **updates)
+
+
+Model.replace = _replace  # flax.struct.dataclass sets its own `replace`; this one refolds
+
+
 def upsample_maps(maps: jax.Array, size: Sequence[int]) -> jax.Array:
     """Returns maps (B, h, w) bilinearly resized (half-pixel centres) to (B, *size)."""
     return resize_bilinear(maps[..., None], tuple(size))[..., 0]
@@ -239,7 +274,8 @@ def build_model(config: Any, rng: jax.Array | None = None) -> Model:
         **dict(config.model.get("backbone_kwargs", {})))
     attention = TAMEAttention(num_classes=config.model.num_classes, variant=config.model.variant,
                               max_size=config.model.max_size, dtype=dtype)
-    return Model(backbone_vars=load_backbone_variables(config, backbone, rng),
-                 backbone=backbone, attention=attention, layers=layers,
-                 image_size=int(config.data.image_size), mean=tuple(spec.mean),
-                 std=tuple(spec.std), backbone_mode=config.model.backbone_mode)
+    model = Model(backbone_vars=load_backbone_variables(config, backbone, rng),
+                  backbone=backbone, attention=attention, layers=layers,
+                  image_size=int(config.data.image_size), mean=tuple(spec.mean),
+                  std=tuple(spec.std), backbone_mode=config.model.backbone_mode)
+    return model.with_fast_path() if config.model.get("fast_path", True) else model

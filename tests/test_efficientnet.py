@@ -354,8 +354,9 @@ def test_lite1_file_loaded_as_lite0_names_the_differences(lite0):
 @real
 def test_gradcam_points_at_the_object(lite0):
     config, model, photos = lite0
-    maps, _ = evaluation.map_fn("gradcam", config)(model, None, _stack(photos, BOXES),
-                                                   jax.random.key(0))
+    x = _stack(photos, BOXES)
+    maps = evaluation.map_fn("gradcam", config)(model, None, x, evaluation.predict(model, x),
+                                                jax.random.key(0))
     _assert_points_at_objects(np.asarray(maps))
 
 

@@ -76,6 +76,66 @@ class FeatureTaps:
         return x
 
 
+def _pool_windows(x: jax.Array, window: int, stride: int, padding: int):
+    """Yields (i, j, x padded with -inf sliced at window offset (i, j) with the stride)."""
+    if padding:
+        pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+        x = jnp.pad(x, pad, constant_values=-jnp.inf)
+    oh, ow = ((n - window) // stride + 1 for n in x.shape[1:3])
+    for i in range(window):
+        for j in range(window):
+            yield i, j, x[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+    """Returns torch's MaxPool2d(window, stride, padding) (floor mode) of x (B, H, W, C).
+
+    The same values and gradient as `nn.max_pool` (at ties the first maximum of the window
+    gets it, as in XLA's and torch's), but the forward stores each window's argmax, as torch
+    does, and the backward is one fused pass over it: `nn.max_pool`'s gradient recomputes the
+    window maxima inside a select-and-scatter, ~10x slower on XLA's CPU backend (~13% of the
+    ResNet-50 train step).
+    """
+    out = None
+    for _, _, s in _pool_windows(x, window, stride, padding):
+        out = s if out is None else jnp.maximum(out, s)
+    return out  # (B, oh, ow, C)
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    y = argmax = None
+    for i, j, s in _pool_windows(x, window, stride, padding):
+        if y is None:
+            y, argmax = s, jnp.zeros(s.shape, jnp.int8)
+        else:
+            better = s > y  # strictly: the first maximum wins
+            y = jnp.where(better, s, y)
+            argmax = jnp.where(better, jnp.int8(i * window + j), argmax)
+    # Materialised once, not recomputed inside the backward's fusion.
+    y, argmax = jax.lax.optimization_barrier((y, argmax))
+    return y, (argmax, x.shape)
+
+
+def _max_pool_bwd(window, stride, padding, residuals, g):
+    argmax, shape = residuals
+    oh, ow = g.shape[1:3]
+    hp, wp = shape[1] + 2 * padding, shape[2] + 2 * padding
+    zero = jnp.zeros((), g.dtype)
+    dx = None
+    for i in range(window):
+        for j in range(window):  # window offset (i, j): back to the rows i, i + stride, ...
+            c = jnp.where(argmax == i * window + j, g, zero)
+            c = jax.lax.pad(c, zero, [(0, 0, 0), (i, hp - i - (oh - 1) * stride - 1, stride - 1),
+                                      (j, wp - j - (ow - 1) * stride - 1, stride - 1),
+                                      (0, 0, 0)])
+            dx = c if dx is None else dx + c
+    return (dx[:, padding:padding + shape[1], padding:padding + shape[2]],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def conv(dtype: Any, **kwargs: Any) -> Callable[..., nn.Conv]:
     """Returns an nn.Conv factory: no bias, float32 params, torchvision's init."""
     return partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32,

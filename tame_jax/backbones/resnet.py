@@ -19,6 +19,7 @@ from tame_jax.backbones.common import (
     check_layers,
     conv,
     kaiming_fan_out_std,
+    max_pool,
     random_init,
     register_backbone,
 )
@@ -120,7 +121,7 @@ class ResNet(nn.Module):
                                 name="conv1")(x))  # (B, H/2, W/2, width)
         x = feats("bn1", bn(name="bn1")(x))
         x = feats("relu", nn.relu(x))
-        x = feats("maxpool", nn.max_pool(x, (3, 3), (2, 2), padding=PAD1))  # (B, H/4, W/4, .)
+        x = feats("maxpool", max_pool(x, 3, 2, 1))  # (B, H/4, W/4, .)
         in_ch = self.width
         for k, n_blocks in enumerate(stage_sizes, start=1):
             planes = self.width * 2 ** (k - 1)

@@ -19,6 +19,7 @@ from tame_jax.backbones.common import (
     batch_norm,
     check_layers,
     kaiming_fan_out_std,
+    max_pool,
     random_init,
     register_backbone,
 )
@@ -108,7 +109,7 @@ class VGG(nn.Module):
             elif kind == "relu":
                 x = nn.relu(x)
             else:
-                x = nn.max_pool(x, (2, 2), (2, 2))  # floor, like ceil_mode=False
+                x = max_pool(x, 2, 2)  # floor, like ceil_mode=False
             x = feats(f"features.{i}", x)
         x = feats("avgpool", adaptive_avg_pool(x, (7, 7)))  # (B, 7, 7, 512)
         # Flatten in torchvision's (C, H, W) order so classifier.0 imports unchanged.

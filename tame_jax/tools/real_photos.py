@@ -171,15 +171,17 @@ def run(out: str, methods: Sequence[str] = BASELINES, backbone: str = "efficient
     tops = top_k(model, images, 1)
     titles = [f"{class_names[t[0][0]]} ({t[0][1]:.2f})" for t in tops]
     if grid:  # computes every method's maps again (evaluation.run keeps none)
-        maps = {m: np.asarray(evaluation.map_fn(m, config)(model, None, images,
-                                                             jax.random.key(config.seed))[0])
+        classes = evaluation.predict(model, images)
+        maps = {m: np.asarray(evaluation.map_fn(m, config)(model, None, images, classes,
+                                                             jax.random.key(config.seed)))
                 for m in methods}
         viz.write_grid(os.path.join(out, "grid.png"), images, maps, titles)
     if "chelsea" in names:  # at the default layer, as `explain --method=gradcam` shows it
         i = names.index("chelsea")
         config.eval.cam_layer = ""
         heat = evaluation.map_fn("gradcam", config)(model, None, images[i:i + 1],
-                                                    jax.random.key(0))[0][0]
+                                                    evaluation.predict(model, images[i:i + 1]),
+                                                    jax.random.key(0))[0]
         layer = backbones.get_spec(backbone).cam_layer
         viz.write_overlay(os.path.join(out, "gradcam_chelsea.png"), images[i],
                           [np.asarray(heat)], [f"Grad-CAM ({backbone}, {layer}): {titles[i]}"])
