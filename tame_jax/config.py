@@ -60,6 +60,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("log_every", 50, "steps between log lines and TensorBoard scalars"),
     ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
     ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
+    ("resume_allow_changes", (),
+     "run settings a resume may change deliberately (e.g. ('learning_rate',)); any other "
+     "difference from the checkpoint's run is an error"),
     # evaluation
     ("eval.batch_size", 32, "global eval batch (a multiple of the device count)"),
     ("eval.num_examples", -1, "> 0: only the first N examples of the eval split"),
