@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -197,6 +198,28 @@ def _int_seed(order_seed: tuple) -> int:
     return int(np.random.SeedSequence(list(order_seed)).generate_state(1)[0] >> 1)
 
 
+def prepared(make: Callable[[], tfds.core.DatasetBuilder],
+             prepare: Callable[[tfds.core.DatasetBuilder], None]) -> tfds.core.DatasetBuilder:
+    """Returns make()'s builder with its data prepared, once for all processes of a job.
+
+    With several processes (a shared data_dir), process 0 prepares while the others wait at a
+    barrier, then every process opens the prepared data: they never write the same files.
+    """
+    import jax
+
+    builder = make()
+    if jax.process_count() == 1:
+        if not builder.info.splits:
+            prepare(builder)
+        return builder
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0 and not builder.info.splits:
+        prepare(builder)
+    multihost_utils.sync_global_devices(f"tame_jax: {builder.name} prepared")
+    return builder if builder.info.splits else make()
+
+
 def tfds_builder(config) -> tfds.core.DatasetBuilder:
     """Returns the (prepared) tfds builder of config.data.source."""
     data_dir = config.data.get("data_dir") or None
@@ -204,20 +227,21 @@ def tfds_builder(config) -> tfds.core.DatasetBuilder:
         name = config.data.get("synthetic_config", "default")
         if not data_dir:
             raise ValueError("synthetic_shapes needs config.data.data_dir (where it is built).")
-        builder = synthetic_shapes.synthetic_builder(data_dir, name)
-        if not builder.info.splits:
+
+        def build(builder: tfds.core.DatasetBuilder) -> None:
             log.info("Building synthetic_shapes/%s under %s (once).", name, data_dir)
             builder.download_and_prepare()
-        return builder
-    builder = tfds.builder(config.data.source, data_dir=data_dir)
-    if not builder.info.splits:
-        manual_dir = config.data.get("manual_dir") or None
+
+        return prepared(lambda: synthetic_shapes.synthetic_builder(data_dir, name), build)
+    manual_dir = config.data.get("manual_dir") or None
+
+    def prepare(builder: tfds.core.DatasetBuilder) -> None:
         log.info("Preparing %s from manual_dir=%s (hours for ImageNet; once).", builder.name,
                  manual_dir)  # fmt: skip
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-        )
-    return builder
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+    return prepared(lambda: tfds.builder(config.data.source, data_dir=data_dir), prepare)
 
 
 def make_source(config, split: str):

@@ -253,10 +253,7 @@ def synthetic_builder(data_dir: str, config_name: str = "default") -> SyntheticS
 
 def prepare_synthetic_shapes(data_dir: str, *, seed: int = 0, config_name: str = "default") -> None:
     """Builds the demo data set under data_dir once (a no-op when it is already there)."""
+    from tame_jax.data.sources import prepared
+
     name = config_name if seed == 0 else f"{config_name}-seed{seed}"
-    builder = synthetic_builder(data_dir, name)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-        )
-    )
+    prepared(lambda: synthetic_builder(data_dir, name), lambda b: b.download_and_prepare())
