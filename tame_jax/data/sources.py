@@ -129,34 +129,62 @@ class _FileSource:
 
 
 class _TfdsSource:
-    """A tfds data set (imagenet2012 or synthetic_shapes)."""
+    """A tfds data set (imagenet2012 or synthetic_shapes).
+
+    Prepared as ArrayRecord (the default for data sets prepared by this package), it is read
+    by index: each epoch visits this host's examples in a seeded permutation, and reading
+    epoch positions [start, end) reads exactly those records, so a resume starts where it
+    stopped without reading what came before. Prepared as TFRecord (by older versions or
+    other tools), it is read as a stream (shuffled files and a shuffle buffer) and a resume
+    reads and discards the positions before `start`.
+    """
+
+    _RECORDS_PER_READ = 64  # records fetched per random-access read
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, shuffle_buffer: int):
         self.builder = builder
         self.split = split
         self.shuffle_buffer = shuffle_buffer
         self.extras = "object_mask" in builder.info.features
+        self.random_access = builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+        if not self.random_access:
+            log.warning("%s in %s is stored as %s: resuming mid-epoch reads the epoch from its "
+                        "start. Prepare it again (delete that folder) to get ArrayRecord files, "
+                        "which are read by position.", builder.name, builder.data_dir,
+                        builder.info.file_format)
         self._counts: dict[str, int] = {}
+        self._sources: dict[str, object] = {}
 
     def _host_split(self, pi: int, pc: int) -> str:
         """Returns the tfds split string of host pi's disjoint shard."""
         return tfds.split_for_jax_process(self.split, process_index=pi, process_count=pc)
 
-    def _read(self, split: str, order_seed: tuple | None):
-        """Returns the undecoded examples of a split, shuffled from order_seed if given."""
+    def _decoders(self) -> dict:
         decoders = {"image": tfds.decode.SkipDecoding()}
         if self.extras:
             decoders["object_mask"] = tfds.decode.SkipDecoding()
+        return decoders
+
+    def _read(self, split: str, order_seed: tuple | None):
+        """Returns the undecoded examples of a split as a stream (TFRecord files)."""
         seed = None if order_seed is None else _int_seed(order_seed)
         ds = self.builder.as_dataset(
             split=split,
             shuffle_files=seed is not None,
-            decoders=decoders,
+            decoders=self._decoders(),
             read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
         )
         if seed is not None:
             ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
         return ds
+
+    def records(self, pi: int, pc: int):
+        """Returns host pi's shard as a random-access sequence of serialized examples."""
+        split = self._host_split(pi, pc)
+        if split not in self._sources:
+            self._sources[split] = self.builder.as_data_source(
+                split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        return self._sources[split]
 
     def num_examples(self, pi: int, pc: int) -> int:
         """Returns the number of examples in host pi's shard."""
@@ -169,9 +197,37 @@ class _TfdsSource:
                 self._counts[split] = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
         return self._counts[split]
 
+    def _order(self, pi: int, pc: int, order_seed: tuple | None) -> np.ndarray:
+        """Returns the record indices of host pi's shard in epoch order (random access)."""
+        n = self.num_examples(pi, pc)
+        if order_seed is None:
+            return np.arange(n)
+        return np.random.default_rng(order_seed).permutation(n)
+
+    def _indexed(self, pi: int, pc: int, order_seed: tuple | None, start: int, end: int):
+        """Returns the examples at epoch positions [start, end), read by index: (raw, pos)."""
+        records = self.records(pi, pc)
+        idx = self._order(pi, pc, order_seed)[start:end]
+        step = self._RECORDS_PER_READ
+
+        def read():
+            for c in range(0, len(idx), step):
+                chunk = [int(i) for i in idx[c:c + step]]
+                for j, raw in enumerate(records.__getitems__(chunk)):
+                    yield raw, start + c + j
+
+        ds = tf.data.Dataset.from_generator(read, output_signature=(
+            tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int64)))
+        features, decoders = self.builder.info.features, self._decoders()
+        return ds.map(lambda raw, pos: (pos, features.deserialize_example(raw, decoders=decoders)))
+
     def dataset(self, pi: int, pc: int, order_seed: tuple | None, start: int, end: int):
         """Returns the elements at epoch positions [start, end): {raw, label, pos, ...}."""
-        ds = self._read(self._host_split(pi, pc), order_seed).take(end).enumerate().skip(start)
+        if self.random_access:
+            ds = self._indexed(pi, pc, order_seed, start, end)
+        else:
+            ds = self._read(self._host_split(pi, pc), order_seed).take(end).enumerate()
+            ds = ds.skip(start)
 
         def select(pos, ex):
             out = {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32), "pos": pos}
@@ -184,8 +240,11 @@ class _TfdsSource:
 
     def describe(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
         """Returns a description of the example at epoch position pos."""
-        order = "in file order" if order_seed is None else f"in the order of seed {order_seed}"
         split = self._host_split(pi, pc)
+        if self.random_access:
+            index = int(self._order(pi, pc, order_seed)[pos])
+            return f"{self.builder.name} example {index} of '{split}' (epoch position {pos})"
+        order = "in file order" if order_seed is None else f"in the order of seed {order_seed}"
         return f"{self.builder.name} example at position {pos} of '{split}' ({order})"
 
     def diagnose(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
@@ -198,26 +257,28 @@ def _int_seed(order_seed: tuple) -> int:
     return int(np.random.SeedSequence(list(order_seed)).generate_state(1)[0] >> 1)
 
 
-def prepared(make: Callable[[], tfds.core.DatasetBuilder],
+def prepared(make: Callable[..., tfds.core.DatasetBuilder],
              prepare: Callable[[tfds.core.DatasetBuilder], None]) -> tfds.core.DatasetBuilder:
     """Returns make()'s builder with its data prepared, once for all processes of a job.
 
-    With several processes (a shared data_dir), process 0 prepares while the others wait at a
-    barrier, then every process opens the prepared data: they never write the same files.
+    Data is prepared as ArrayRecord files (`make(file_format="array_record")`), which are read
+    by position; data found already prepared keeps its format. With several processes (a
+    shared data_dir), process 0 prepares while the others wait at a barrier, then every
+    process opens the prepared data: they never write the same files.
     """
     import jax
 
     builder = make()
-    if jax.process_count() == 1:
-        if not builder.info.splits:
-            prepare(builder)
-        return builder
-    from jax.experimental import multihost_utils
+    if builder.info.splits:
+        if jax.process_count() == 1:
+            return builder
+    elif jax.process_index() == 0:
+        prepare(make(file_format="array_record"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    if jax.process_index() == 0 and not builder.info.splits:
-        prepare(builder)
-    multihost_utils.sync_global_devices(f"tame_jax: {builder.name} prepared")
-    return builder if builder.info.splits else make()
+        multihost_utils.sync_global_devices(f"tame_jax: {builder.name} prepared")
+    return make()
 
 
 def tfds_builder(config) -> tfds.core.DatasetBuilder:
@@ -232,7 +293,8 @@ def tfds_builder(config) -> tfds.core.DatasetBuilder:
             log.info("Building synthetic_shapes/%s under %s (once).", name, data_dir)
             builder.download_and_prepare()
 
-        return prepared(lambda: synthetic_shapes.synthetic_builder(data_dir, name), build)
+        return prepared(lambda **kw: synthetic_shapes.synthetic_builder(data_dir, name, **kw),
+                        build)
     manual_dir = config.data.get("manual_dir") or None
 
     def prepare(builder: tfds.core.DatasetBuilder) -> None:
@@ -241,7 +303,8 @@ def tfds_builder(config) -> tfds.core.DatasetBuilder:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
-    return prepared(lambda: tfds.builder(config.data.source, data_dir=data_dir), prepare)
+    return prepared(lambda **kw: tfds.builder(config.data.source, data_dir=data_dir, **kw),
+                    prepare)
 
 
 def make_source(config, split: str):
