@@ -6,7 +6,8 @@
 #
 # It runs, from the repo root:
 #   CUDA_VISIBLE_DEVICES=GPUS XLA_PYTHON_CLIENT_MEM_FRACTION=F PYTHON -m tame_jax.train \
-#     --config=CONFIG --workdir=WORKDIR --config.distributed.num_processes=1 [OVERRIDES]
+#     --config=CONFIG --workdir=WORKDIR --config.distributed.num_processes=1 \
+#     --config.loss.variation_reference_batch=32 [OVERRIDES]
 # config.batch_size is global: it must divide by the number of GPUs. Rerunning the same line
 # resumes from the last checkpoint; SIGTERM (e.g. `kill PID`) saves one before exiting.
 #
@@ -15,6 +16,12 @@
 #   XLA_PYTHON_CLIENT_MEM_FRACTION  share of GPU memory JAX takes (default: 0.9)
 #   CUDA_VISIBLE_DEVICES            used when --gpus is not given (default: all GPUs)
 set -euo pipefail
+
+# The variation term of the loss sums over the B x B maps of the global batch over 2B, so it
+# grows with the batch; scaled to the paper's batch of 32 it keeps the paper's per-image balance
+# at the large batches these launches use (README, "Running at scale"). Override after `--`,
+# e.g. `-- --config.loss.variation_reference_batch=0` for the formula as printed.
+KNOB=--config.loss.variation_reference_batch=32
 
 # Prints the arguments as one shell line that can be pasted back (quoted where needed).
 print_command() {
@@ -54,7 +61,7 @@ cmd=(env)
 [[ -n "$GPUS" ]] && cmd+=("CUDA_VISIBLE_DEVICES=$GPUS")
 cmd+=("XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
       "${PYTHON:-python}" -m tame_jax.train "--config=$CONFIG" "--workdir=$WORKDIR"
-      --config.distributed.num_processes=1 "$@")
+      --config.distributed.num_processes=1 "$KNOB" "$@")
 
 if [[ $DRY_RUN == 1 ]]; then
   print_command "${cmd[@]}"

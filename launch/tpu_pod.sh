@@ -6,7 +6,8 @@
 #
 # It runs, from this machine:
 #   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE [--project=P] --worker=all --command=\
-#     'cd REPO_DIR && PYTHON -m tame_jax.train --config=CONFIG --workdir=WORKDIR [OVERRIDES]'
+#     'cd REPO_DIR && PYTHON -m tame_jax.train --config=CONFIG --workdir=WORKDIR
+#      --config.loss.variation_reference_batch=32 [OVERRIDES]'
 # On every worker, jax.distributed.initialize() finds the other hosts from the TPU metadata
 # (config.distributed.num_processes=-1, the default); each host reads its own shard of the data.
 # Rerunning the same line resumes from the last checkpoint (also after a preemption).
@@ -20,6 +21,12 @@
 #   PYTHON    the python on the workers (default: python3)
 #   GCLOUD    the gcloud binary (default: gcloud)
 set -euo pipefail
+
+# The variation term of the loss sums over the B x B maps of the global batch over 2B, so it
+# grows with the batch; scaled to the paper's batch of 32 it keeps the paper's per-image balance
+# at the large batches these launches use (README, "Running at scale"). Override after `--`,
+# e.g. `-- --config.loss.variation_reference_batch=0` for the formula as printed.
+KNOB=--config.loss.variation_reference_batch=32
 
 # Prints the arguments as one shell line that can be pasted back (quoted where needed).
 print_command() {
@@ -61,7 +68,7 @@ fi
 REPO_DIR=${REPO_DIR:-'~/tame_jax'}
 PYTHON=${PYTHON:-python3}
 remote="cd $REPO_DIR && $(print_command "$PYTHON" -m tame_jax.train "--config=$CONFIG" \
-  "--workdir=$WORKDIR" "$@")"
+  "--workdir=$WORKDIR" "$KNOB" "$@")"
 cmd=("${GCLOUD:-gcloud}" compute tpus tpu-vm ssh "$TPU" "--zone=$ZONE")
 [[ -n "$PROJECT" ]] && cmd+=("--project=$PROJECT")
 cmd+=(--worker=all "--command=$remote")

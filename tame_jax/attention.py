@@ -41,6 +41,52 @@ def _bias_init(fan_in: int):
     return init
 
 
+class BatchNorm(nn.Module):
+    """BatchNorm as torch.nn.BatchNorm2d: biased variance to normalise, unbiased to track.
+
+    In training the batch statistics are taken over every axis but the last and, inside
+    shard_map (or vmap), over `axis_name` too: the global batch. The running variance is
+    updated with the unbiased batch variance var * n / (n - 1), n = global batch x H x W, as
+    PyTorch does (flax's nn.BatchNorm tracks the biased one), so that eval-mode outputs agree
+    with checkpoints of the reference implementation. `momentum` is PyTorch's (0.1 = 10% new).
+    Variables: params `scale`, `bias`; batch_stats `mean`, `var` (flax's names).
+    """
+
+    use_running_average: bool
+    axis_name: str | None = None
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns x (..., C) normalised per channel, scaled and shifted."""
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            mean = xf.mean(axes)
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name)
+            var = jnp.square(xf - mean).mean(axes)  # two passes: no E[x^2] - E[x]^2 cancellation
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
+                n = n * jax.lax.axis_size(self.axis_name)  # a Python int
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype)
+
+
 def _conv1x1(features: int, in_features: int, dtype: Any, name: str) -> nn.Conv:
     """Returns a 1x1 convolution with bias, float32 params, PyTorch default initialisation."""
     return nn.Conv(
@@ -91,8 +137,8 @@ class TAMEAttention(nn.Module):
     Variants (VARIANTS): `tame` (conv C->C, BN, + skip, ReLU), `sigmoid_branch` (sigmoid instead
     of ReLU), `noskip` (conv C->K, BN(K), ReLU; fusion n*K -> K), `noskip_nobn` (conv C->C,
     ReLU), `lcam_img` (last feature map only, a single 1x1 conv C->K named `fuser`).
-    BatchNorm follows PyTorch defaults (eps 1e-5, momentum 0.1); in training its statistics are
-    averaged over `axis_name` (global-batch BN inside shard_map).
+    BatchNorm follows PyTorch (eps 1e-5, momentum 0.1, running variance unbiased; `BatchNorm`);
+    in training its statistics are taken over `axis_name` too (global-batch BN in shard_map).
     """
 
     num_classes: int
@@ -142,15 +188,8 @@ class TAMEAttention(nn.Module):
             width = self.num_classes if self.variant == "noskip" else c_i
             y = _conv1x1(width, c_i, self.dtype, f"convs_{i}")(f)
             if self.variant != "noskip_nobn":
-                y = nn.BatchNorm(
-                    use_running_average=not train,
-                    momentum=0.9,
-                    epsilon=1e-5,
-                    axis_name=self.axis_name,
-                    dtype=self.dtype,
-                    param_dtype=jnp.float32,
-                    name=f"bns_{i}",
-                )(y)
+                y = BatchNorm(use_running_average=not train, axis_name=self.axis_name,
+                              dtype=self.dtype, name=f"bns_{i}")(y)
             if self.variant in ("tame", "sigmoid_branch"):
                 y = y + f
             y = jax.nn.sigmoid(y) if self.variant == "sigmoid_branch" else jax.nn.relu(y)

@@ -55,7 +55,9 @@ def bench_model(backbone: str, dtype: str, image_size: int, width: int | None,
     config.model.dtype = dtype
     config.model.num_classes = num_classes
     config.model.backbone_weights = "random"
-    config.model.backbone_kwargs = {} if width is None else {"width": width}
+    # --width is a ResNet's base width; the other families ignore it
+    config.model.backbone_kwargs = ({"width": width} if width is not None
+                                    and backbone.startswith("resnet") else {})
     config.data.image_size = image_size
     return build_model(config)
 

@@ -12,7 +12,9 @@ Conventions follow the papers and the `grad-cam` PyTorch package (jacobgil):
 - Grad-CAM++: closed form with g = dy^c/dA (no exponential), alpha = g^2 / (2 g^2 +
   sum_ab A_ab g^3 + 1e-6), alpha = 0 where g = 0; w_k = sum_ij alpha ReLU(g).
 - Score-CAM: each channel upsampled to image size and min-max normalised (eps 1e-8) masks the
-  normalised input; w = softmax over channels of the target logit of the masked inputs.
+  normalised input; w = softmax over channels of the target logit of the masked inputs. The
+  upsampling has half-pixel centres as in the Score-CAM authors' code; `align_corners=True`
+  gives pytorch-grad-cam's (`UpsamplingBilinear2d`).
 - Ablation-CAM: w_k = (y^c - y^c_k) / y^c, where y^c_k is the logit with channel k set to 0.
 - RISE: saliency = sum_i P(c | norm(x) * m_i) m_i / (N p), masks as in Petsiuk et al. 2018.
 
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from tame_jax.backbones import perturb_name
-from tame_jax.image_ops import resize_bilinear
+from tame_jax.image_ops import resize_bilinear, resize_bilinear_aligned
 from tame_jax.model import Model
 
 METHODS = ("gradcam", "gradcampp", "scorecam", "ablationcam", "rise")
@@ -122,6 +124,7 @@ def scorecam(
     *,
     layer: str,
     batch_chunk: int = 32,
+    align_corners: bool = False,
 ) -> jax.Array:
     """Returns Score-CAM maps (B, H, W); batch_chunk masked images go through each forward."""
     xn, classes = _prepare(model, x, classes)
@@ -132,7 +135,8 @@ def scorecam(
     def scores(items):  # items (n,) index (image, channel) pairs as image * C + channel
         bi, ki = items // c, items % c
         act = fmap[bi, :, :, ki]  # (n, h, w)
-        up = resize_bilinear(act[..., None], size)  # (n, H, W, 1)
+        resize = resize_bilinear_aligned if align_corners else resize_bilinear
+        up = resize(act[..., None], size)  # (n, H, W, 1)
         lo = up.min(axis=(1, 2, 3), keepdims=True)
         hi = up.max(axis=(1, 2, 3), keepdims=True)
         mask = (up - lo) / (hi - lo + 1e-8)

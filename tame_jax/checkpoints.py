@@ -21,12 +21,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tame_jax import workdirs
+
 # What a checkpoint's attention module was built for: evaluation and explanation need these.
 MODEL_KEYS = ("backbone", "layers", "variant", "num_classes", "image_size")
 # What else makes the trained function: resuming with any of these changed would join two
 # different runs (e.g. two one-cycle schedules), so a resume checks them too.
 RUN_KEYS = ("learning_rate", "total_steps", "num_epochs", "num_train_steps", "batch_size",
-            "loss", "data_source", "backbone_mode", "selective_fusion", "seed")
+            "bias_lr_factor", "loss", "data_source", "backbone_mode", "train_labels",
+            "selective_fusion", "seed")
 IDENTITY_KEYS = MODEL_KEYS + RUN_KEYS
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step folder as its last act
 
@@ -81,6 +84,8 @@ def describe(config: Any, total_steps: int | None = None) -> dict[str, Any]:
         learning_rate=float(config.learning_rate), total_steps=int(total_steps),
         num_epochs=float(config.num_epochs), num_train_steps=int(config.num_train_steps),
         batch_size=int(config.batch_size),
+        bias_lr_factor=float(config.get("bias_lr_factor", 2.0)),
+        train_labels=config.model.get("train_labels", "model"),
         loss=json.loads(loss.to_json_best_effort()) if loss is not None else {},
         data_source=source, backbone_mode=config.model.backbone_mode,
         selective_fusion=bool(config.model.selective_fusion), seed=int(config.seed))
@@ -128,8 +133,8 @@ def set_aside_incomplete(directory: str) -> list[str]:
     the others have one, so this orbax writes it) was not written by a finished save: moving
     it aside keeps it for inspection, and resume and later saves of that step ignore it.
     """
-    if not os.path.isdir(directory):
-        return []
+    if workdirs.is_url(directory) or not os.path.isdir(directory):
+        return []  # on gs:// orbax's own commit markers and renames are relied on
     steps = [e.name for e in os.scandir(directory) if e.is_dir() and e.name.isdigit()]
     marked = {n for n in steps if os.path.exists(os.path.join(directory, n, COMMIT_MARKER))}
     if not marked:
@@ -151,7 +156,8 @@ def set_aside_incomplete(directory: str) -> list[str]:
 
 def _committed(directory: str, steps: list[int]) -> list[int]:
     """Returns the steps whose folder has orbax's commit marker (all, if none has one)."""
-    marked = [s for s in steps if os.path.exists(os.path.join(directory, str(s), COMMIT_MARKER))]
+    marked = [s for s in steps
+              if workdirs.exists(workdirs.join(directory, str(s), COMMIT_MARKER))]
     return marked if marked else steps
 
 
@@ -165,7 +171,7 @@ class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, every: int = 1000,
                  identity: Mapping[str, Any] | None = None, read_only: bool = False,
                  allowed_changes: Sequence[str] = ()):
-        self.directory = os.path.join(os.fspath(os.path.abspath(workdir)), "checkpoints")
+        self.directory = workdirs.join(workdirs.absolute(workdir), "checkpoints")
         self.every = max(1, int(every))
         self.identity = dict(identity or {})
         self.allowed_changes = tuple(allowed_changes)

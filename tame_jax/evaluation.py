@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
-from tame_jax import backbones, cams, checkpoints, metrics, report
+from tame_jax import backbones, cams, checkpoints, cli, metrics, report
 from tame_jax.image_ops import minmax_normalize
 from tame_jax.model import Model
 from tame_jax.sharding import check_global_batch, local_rows, make_mesh, replicate, shard_batch
@@ -44,6 +43,11 @@ class Method:
     # options(config) -> {name: hashable value}: what the method reads from the config
     options: Callable[[Any], dict[str, Any]] = lambda config: {}
     trained: bool = False  # needs attention variables from a training checkpoint (TAME)
+    # explain_top_k(model, attention_vars, images, classes (B, k) | None, top_k)
+    #   -> (maps (B, k, H, W), classes (B, k), logits (B, K)): maps and classification from
+    #   one forward pass, where the method has one (TAME); else `explain` classifies first
+    explain_top_k: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
+    slow: bool = False  # a forward pass per channel or mask: eval.num_examples_slow applies
 
 
 METHODS: dict[str, Method] = {}
@@ -87,9 +91,13 @@ def _cam_maps(method: str) -> Callable[..., jax.Array]:
     return maps
 
 
-register_method(Method("tame", _tame_maps, trained=True))
+register_method(Method(
+    "tame", _tame_maps, trained=True,
+    explain_top_k=lambda model, av, images, classes, top_k: model.explain_top_k(
+        av, images, classes, top_k)))
 for _name in cams.METHODS:
-    register_method(Method(_name, _cam_maps(_name), _cam_options(_name)))
+    register_method(Method(_name, _cam_maps(_name), _cam_options(_name),
+                           slow=_name in ("scorecam", "ablationcam", "rise")))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -101,14 +109,24 @@ class MetricInputs:
 
     model: Model
     images: jax.Array  # (B, H, W, 3) in [0, 1]
-    maps: jax.Array  # (B, H, W) in [0, 1]
+    maps: jax.Array  # (B, H, W) in [0, 1], of the explained (top-1) classes
     classes: jax.Array  # (B,) the explained classes
     key: jax.Array
     boxes: jax.Array | None = None  # (B, 4) (ymin, xmin, ymax, xmax), where the data has them
+    labels: jax.Array | None = None  # (B,) the data's labels (ground truth), -1 where unknown
+    label_maps: jax.Array | None = None  # (B, H, W) maps of `labels`, for needs_label_maps
 
     def classify(self, images: jax.Array) -> jax.Array:
         """Returns the logits (B, K) of images in [0, 1] (the frozen backbone)."""
         return self.model.classify(images)
+
+    def normalized(self) -> jax.Array:
+        """Returns the images as the backbone reads them, (images - mean) / std."""
+        return self.model.normalize(self.images)
+
+    def classify_normalized(self, xn: jax.Array) -> jax.Array:
+        """Returns the logits (B, K) of normalised input xn (the frozen backbone)."""
+        return self.model.apply_backbone(xn)[0]
 
 
 def _pct(fraction: float) -> str:
@@ -123,10 +141,13 @@ class Metric:
     # fn(inputs: MetricInputs, **options) -> {column: (B,) float}
     fn: Callable[..., dict[str, jax.Array]]
     columns: Callable[[Any], list[str]]  # columns(config), in table order
+    # options(config) -> {name: hashable value}; raises ValueError naming the fix on bad values
     options: Callable[[Any], dict[str, Any]] = lambda config: {}
     percent: bool = False  # shown as 100 x the mean
     decimals: int = 2
     needs_boxes: bool = False  # only where the data has object boxes
+    better: Callable[[str], str] = lambda column: "higher"  # "higher" or "lower", per column
+    needs_label_maps: Callable[[Any], bool] = lambda config: False  # maps of the data's labels
 
 
 METRICS: dict[str, Metric] = {}
@@ -138,21 +159,69 @@ def register_metric(metric: Metric) -> Metric:
     return metric
 
 
+def _choice(config: Any, field: str, valid: tuple[str, ...]) -> str:
+    """Returns config.eval.<field>; ValueError naming the valid values if it is not one."""
+    value = config.eval[field]
+    if value not in valid:
+        raise ValueError(f"config.eval.{field}={value!r} is not a known option; choose one of "
+                         f"{valid} (--config.eval.{field}={valid[0]})")
+    return value
+
+
+# Named protocol variants: (input space, rule) of each metric; the first is the default.
+ROAD_VARIANTS = {"gradcam": ("normalized", "percentile"), "pixels": ("pixels", "ceil")}
+INSERTION_VARIANTS = {"rise": ("normalized", "rise"), "pixels": ("pixels", "gaussian")}
+POINTING_CLASSES = ("label", "predicted")
+
+
+def _space(inputs: MetricInputs, space: str) -> tuple[jax.Array, Callable[..., jax.Array]]:
+    """Returns (x, classify of x): the normalised input and the backbone, or [0, 1] pixels."""
+    if space == "normalized":
+        return inputs.normalized(), inputs.classify_normalized
+    return inputs.images, inputs.classify
+
+
 def _ad_ic(inputs: MetricInputs, fractions: tuple[float, ...]) -> dict[str, jax.Array]:
     return metrics.ad_ic(inputs.classify, inputs.images, inputs.maps, inputs.classes, fractions)
 
 
-def _road(inputs: MetricInputs, fractions: tuple[float, ...]) -> dict[str, jax.Array]:
-    orders = ("morf", "lerf")
-    kept = metrics.road_orders(inputs.classify, inputs.images, inputs.maps, inputs.classes,
-                               inputs.key, fractions, orders)
-    return {f"road_{order}_{_pct(f)}": kept[j, :, i].astype(jnp.float32)
-            for j, order in enumerate(orders) for i, f in enumerate(fractions)}
+def _road_levels(config: Any) -> tuple[tuple[str, float], ...]:
+    """Returns the (order, fraction) levels: MoRF at eval.road_fractions, LeRF at
+    eval.road_lerf_fractions (empty: the same fractions)."""
+    lerf = tuple(config.eval.get("road_lerf_fractions", ())) or tuple(config.eval.road_fractions)
+    for f in (*config.eval.road_fractions, *lerf):
+        if not 0 < f < 1:
+            raise ValueError(f"ROAD fraction {f!r} in config.eval.road_fractions / "
+                             "road_lerf_fractions: use fractions of the pixels in (0, 1), "
+                             "e.g. 0.1 for 10%")
+    return (*(("morf", float(f)) for f in config.eval.road_fractions),
+            *(("lerf", float(f)) for f in lerf))
 
 
-def _insertion_deletion(inputs: MetricInputs, num_steps: int) -> dict[str, jax.Array]:
-    return metrics.insertion_deletion(inputs.classify, inputs.images, inputs.maps,
-                                      inputs.classes, num_steps=num_steps)
+def _road(inputs: MetricInputs, levels: tuple[tuple[str, float], ...], variant: str
+          ) -> dict[str, jax.Array]:
+    space, selection = ROAD_VARIANTS[variant]
+    x, classify = _space(inputs, space)
+    kept = metrics.road_levels(classify, x, inputs.maps, inputs.classes, inputs.key, levels,
+                               selection=selection)  # (B, L)
+    return {f"road_{order}_{_pct(f)}": kept[:, i].astype(jnp.float32)
+            for i, (order, f) in enumerate(levels)}
+
+
+def _insertion_deletion(inputs: MetricInputs, step: int, variant: str) -> dict[str, jax.Array]:
+    space, substrate = INSERTION_VARIANTS[variant]
+    x, classify = _space(inputs, space)
+    return metrics.insertion_deletion(classify, x, inputs.maps, inputs.classes, step=step,
+                                      substrate=substrate)
+
+
+def _insertion_options(config: Any) -> dict[str, Any]:
+    step = int(config.eval.insertion_step)
+    if step < 0:
+        raise ValueError(f"config.eval.insertion_step={step}: use a number of pixels per step, "
+                         "or 0 for one image row (RISE: 224 at 224 x 224)")
+    return {"step": step or int(config.data.image_size),
+            "variant": _choice(config, "insertion_variant", tuple(INSERTION_VARIANTS))}
 
 
 def _agreement(inputs: MetricInputs) -> dict[str, jax.Array]:
@@ -160,22 +229,47 @@ def _agreement(inputs: MetricInputs) -> dict[str, jax.Array]:
     return {"agreement": (jnp.argmax(masked, -1) == inputs.classes).astype(jnp.float32)}
 
 
+def _pointing_classes(config: Any) -> tuple[str, ...]:
+    chosen = tuple(config.eval.pointing_classes)
+    bad = [c for c in chosen if c not in POINTING_CLASSES]
+    if bad or not chosen:
+        raise ValueError(f"config.eval.pointing_classes={chosen!r}: use one or both of "
+                         f"{POINTING_CLASSES} ('label': the ground-truth class's map, as Zhang "
+                         "et al.; 'predicted': the explained class's, reported as pointing_pred)")
+    return chosen
+
+
+def _pointing(inputs: MetricInputs, classes: tuple[str, ...]) -> dict[str, jax.Array]:
+    out = {}
+    if "label" in classes:
+        out["pointing"] = metrics.pointing_game(inputs.label_maps, inputs.boxes)
+    if "predicted" in classes:
+        out["pointing_pred"] = metrics.pointing_game(inputs.maps, inputs.boxes)
+    return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+
 register_metric(Metric(
     "ad_ic", _ad_ic,
     columns=lambda c: [f"{m}_{_pct(f)}" for f in c.eval.ad_ic_fractions for m in ("ad", "ic")],
-    options=lambda c: {"fractions": tuple(c.eval.ad_ic_fractions)}, percent=True))
+    options=lambda c: {"fractions": tuple(c.eval.ad_ic_fractions)}, percent=True,
+    better=lambda col: "lower" if col.startswith("ad_") else "higher"))
 register_metric(Metric(
     "road", _road,
-    columns=lambda c: [f"road_{o}_{_pct(f)}" for o in ("morf", "lerf")
-                       for f in c.eval.road_fractions],
-    options=lambda c: {"fractions": tuple(c.eval.road_fractions)}, percent=True))
+    columns=lambda c: [f"road_{o}_{_pct(f)}" for o, f in _road_levels(c)],
+    options=lambda c: {"levels": _road_levels(c),
+                       "variant": _choice(c, "road_variant", tuple(ROAD_VARIANTS))},
+    percent=True, better=lambda col: "lower" if col.startswith("road_morf") else "higher"))
 register_metric(Metric(
     "insertion_deletion", _insertion_deletion, columns=lambda c: ["insertion", "deletion"],
-    options=lambda c: {"num_steps": int(c.eval.insertion_steps)}, decimals=3))
+    options=_insertion_options, decimals=3,
+    better=lambda col: "lower" if col == "deletion" else "higher"))
 register_metric(Metric("agreement", _agreement, columns=lambda c: ["agreement"], percent=True))
 register_metric(Metric(
-    "pointing", lambda i: {"pointing": metrics.pointing_game(i.maps, i.boxes).astype(jnp.float32)},
-    columns=lambda c: ["pointing"], percent=True, needs_boxes=True))
+    "pointing", _pointing,
+    columns=lambda c: [{"label": "pointing", "predicted": "pointing_pred"}[k]
+                       for k in _pointing_classes(c)],
+    options=lambda c: {"classes": _pointing_classes(c)}, percent=True, needs_boxes=True,
+    needs_label_maps=lambda c: "label" in _pointing_classes(c)))
 register_metric(Metric(
     "energy_in_box", lambda i: {"energy_in_box": metrics.energy_in_box(i.maps, i.boxes)},
     columns=lambda c: ["energy_in_box"], percent=True, needs_boxes=True))
@@ -183,13 +277,36 @@ register_metric(Metric(
 
 def selected_metrics(config: Any, with_boxes: bool) -> list[Metric]:
     """Returns the metrics to compute: config.eval.metrics (default all registered) that the
-    data supports (box metrics only where the data has boxes)."""
+    data supports (box metrics only where the data has boxes). Their options are checked."""
     names = tuple(config.eval.get("metrics", ()) or METRICS)
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"config.eval.metrics: unknown {unknown}; registered metrics are "
                          f"{tuple(METRICS)}")
-    return [METRICS[n] for n in names if with_boxes or not METRICS[n].needs_boxes]
+    chosen = [METRICS[n] for n in names if with_boxes or not METRICS[n].needs_boxes]
+    for m in chosen:
+        m.options(config)  # raises on an unknown option value
+    return chosen
+
+
+def check_data(config: Any, with_boxes: bool, labels: np.ndarray | None = None) -> None:
+    """Raises ValueError naming the fix if the eval data lacks what the chosen metrics need:
+    object boxes for metrics asked for by name, or labels for maps of the ground-truth class."""
+    asked = tuple(config.eval.get("metrics", ()))
+    boxed = [n for n in asked if n in METRICS and METRICS[n].needs_boxes]
+    if boxed and not with_boxes:
+        raise ValueError(
+            f"config.eval.metrics asks for {boxed}, which need object boxes, but the eval data "
+            f"(config.data.source={config.data.source!r}, split "
+            f"{config.data.get('eval_split')!r}) has none: remove them from config.eval.metrics "
+            "(an empty config.eval.metrics computes every metric the data supports), or "
+            "evaluate on data with boxes (synthetic_shapes)")
+    if labels is not None and (labels < 0).any() and any(
+            m.needs_label_maps(config) for m in selected_metrics(config, with_boxes)):
+        raise ValueError(
+            "the pointing game on the ground-truth class needs labels, but the eval data has "
+            "images without one (a list file of paths only): give the list file `path label` "
+            "lines, or set --config.eval.pointing_classes=predicted")
 
 
 def metric_columns(config: Any, with_boxes: bool) -> list[str]:
@@ -198,8 +315,8 @@ def metric_columns(config: Any, with_boxes: bool) -> list[str]:
 
 
 def column_formats(config: Any, with_boxes: bool) -> dict[str, dict[str, Any]]:
-    """Returns {column: {'percent': bool, 'decimals': int}} for the report."""
-    return {col: {"percent": m.percent, "decimals": m.decimals}
+    """Returns {column: {'percent': bool, 'decimals': int, 'better': 'higher'|'lower'}}."""
+    return {col: {"percent": m.percent, "decimals": m.decimals, "better": m.better(col)}
             for m in selected_metrics(config, with_boxes) for col in m.columns(config)}
 
 
@@ -208,8 +325,10 @@ def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: jax.Array,
-                   key: jax.Array, boxes: jax.Array | None, plan: tuple) -> dict[str, jax.Array]:
-    inputs = MetricInputs(model, images, maps, classes, key, boxes)
+                   key: jax.Array, boxes: jax.Array | None, labels: jax.Array | None = None,
+                   label_maps: jax.Array | None = None, *, plan: tuple
+                   ) -> dict[str, jax.Array]:
+    inputs = MetricInputs(model, images, maps, classes, key, boxes, labels, label_maps)
     out = {}
     for name, options in plan:
         out.update(METRICS[name].fn(inputs, **dict(options)))
@@ -222,58 +341,98 @@ def _jitted_metrics(plan: tuple) -> Callable[..., dict[str, jax.Array]]:
 
 
 def batch_metrics(config: Any, with_boxes: bool) -> Callable[..., dict[str, jax.Array]]:
-    """Returns jitted fn(model, images, maps, classes, key, boxes) -> {column: (B,)}: one program
-    per architecture and settings, shared by every method evaluated in the process."""
+    """Returns jitted fn(model, images, maps, classes, key, boxes, labels=None, label_maps=None)
+    -> {column: (B,)}: one program per architecture and settings, shared by every method
+    evaluated in the process."""
     plan = tuple((m.name, _frozen(m.options(config)))
                  for m in selected_metrics(config, with_boxes))
     return _jitted_metrics(plan)
 
 
-def _method_maps(model: Model, attention_vars: Any, images: jax.Array, key: jax.Array,
-                 method: str, options: tuple) -> tuple[jax.Array, jax.Array]:
-    classes = jnp.argmax(model.classify(images), axis=-1)
-    return METHODS[method].maps(model, attention_vars, images, classes, key,
-                                **dict(options)), classes
+def needs_label_maps(config: Any, with_boxes: bool) -> bool:
+    """Returns whether a selected metric reads the maps of the data's labels."""
+    return any(m.needs_label_maps(config) for m in selected_metrics(config, with_boxes))
+
+
+def _method_maps(model: Model, attention_vars: Any, images: jax.Array, classes: jax.Array,
+                 key: jax.Array, *, method: str, options: tuple) -> jax.Array:
+    return METHODS[method].maps(model, attention_vars, images, classes, key, **dict(options))
 
 
 @functools.cache
-def _jitted_maps(method: str, options: tuple) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def _jitted_maps(method: str, options: tuple) -> Callable[..., jax.Array]:
     return jax.jit(functools.partial(_method_maps, method=method, options=options))
 
 
-def map_fn(method: str, config: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Returns jitted fn(model, attention_vars, images, key) -> (maps (B, H, W), classes (B,))."""
+def map_fn(method: str, config: Any) -> Callable[..., jax.Array]:
+    """Returns jitted fn(model, attention_vars, images, classes, key) -> maps (B, H, W) of
+    `classes` (B,), one program per method and settings."""
     m = get_method(method)
     return _jitted_maps(m.name, _frozen(m.options(config)))
 
 
+@jax.jit
+def predict(model: Model, images: jax.Array) -> jax.Array:
+    """Returns the top-1 classes (B,) of images in [0, 1]: the classes evaluate explains."""
+    return jnp.argmax(model.classify(images), axis=-1)
+
+
+SUB_BATCH = 8  # slow methods recompute the maps of misclassified images this many at a time
+
+
+def _label_targets_fn(labels: jax.Array, valid: jax.Array, classes: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (the labels where known and valid, else the classes; the indices of the images
+    where they differ, padded with -1; how many differ)."""
+    target = jnp.where((labels >= 0) & valid, labels, classes).astype(classes.dtype)
+    differ = target != classes
+    idx = jnp.nonzero(differ, size=differ.shape[0], fill_value=-1)[0]
+    return target, idx, differ.sum()
+
+
+@functools.cache
+def _label_targets(sharding: jax.sharding.Sharding) -> Callable[..., tuple]:
+    """Returns `_label_targets_fn` jitted with replicated outputs: every host can read them."""
+    return jax.jit(_label_targets_fn, out_shardings=sharding)
+
+
+@jax.jit
+def _take_rows(images: jax.Array, target: jax.Array, idx: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    return images[jnp.maximum(idx, 0)], target[jnp.maximum(idx, 0)]
+
+
+@jax.jit
+def _put_rows(maps: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+    return maps.at[jnp.where(idx >= 0, idx, maps.shape[0])].set(rows, mode="drop")
+
+
+def label_maps_of(maps_of: Callable[..., jax.Array], model: Model, attention_vars: Any,
+                  images: jax.Array, key: jax.Array, classes: jax.Array, maps: jax.Array,
+                  labels: jax.Array, valid: jax.Array, slow: bool = False) -> jax.Array:
+    """Returns the maps of the data's labels (B, H, W): the explained maps where the label is
+    the explained class (a good classifier's usual case), the method's maps for the label where
+    not: for the whole batch again (fast methods; nothing for a batch without a mismatch), or,
+    for slow methods, for the misclassified images only, SUB_BATCH at a time. Every process
+    takes the same branches (the decisions are replicated values)."""
+    replicated = jax.sharding.NamedSharding(labels.sharding.mesh, P())
+    target, idx, count = jax.device_get(_label_targets(replicated)(labels, valid, classes))
+    count = int(count)
+    if count == 0:
+        return maps
+    if not slow:
+        return maps_of(model, attention_vars, images, jnp.asarray(target), key)
+    for start in range(0, count, SUB_BATCH):
+        chunk = np.full(SUB_BATCH, -1, np.int32)
+        part = idx[start:min(start + SUB_BATCH, count)]
+        chunk[:len(part)] = part
+        sub_images, sub_target = _take_rows(images, jnp.asarray(target), jnp.asarray(chunk))
+        sub_maps = maps_of(model, attention_vars, sub_images, sub_target, key)
+        maps = _put_rows(maps, jnp.asarray(chunk), sub_maps)
+    return maps
+
+
 # ----------------------------------------------------------------------------- the loop
-
-
-class Progress:
-    """A one-line progress bar with ETA on stderr."""
-
-    def __init__(self, total: int | None, label: str):
-        self.total, self.label, self.start, self.done = total, label, time.perf_counter(), 0
-
-    def update(self, n: int = 1) -> None:
-        """Advances the bar by n and redraws it."""
-        self.done += n
-        elapsed = time.perf_counter() - self.start
-        if self.total:
-            frac = self.done / self.total
-            eta = elapsed / frac - elapsed if frac else 0.0
-            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-            line = (f"\r{self.label} [{bar}] {self.done}/{self.total} "
-                    f"{elapsed:.0f}s ETA {eta:.0f}s")
-        else:
-            line = f"\r{self.label} {self.done} batches {elapsed:.0f}s"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        """Ends the progress line."""
-        sys.stderr.write("\n")
 
 
 def _limited(batches: Iterator[dict], num_examples: int, global_batch: int
@@ -292,55 +451,115 @@ def _limited(batches: Iterator[dict], num_examples: int, global_batch: int
         yield batch
 
 
-def evaluate_maps(config: Any, model: Model, method: str, attention_vars: Any = None,
-                  label: str = "eval") -> dict[str, float]:
-    """Returns {column: mean} over the eval set (percent columns x 100) and num_images."""
+def num_examples(config: Any, method: str) -> int:
+    """Returns how many eval examples a method runs on (<= 0: all): eval.num_examples, or for
+    the slow methods (a pass per channel or mask) eval.num_examples_slow where that is > 0."""
+    n = int(config.eval.num_examples)
+    slow = int(config.eval.get("num_examples_slow", -1))
+    if get_method(method).slow and slow > 0:
+        return min(n, slow) if n > 0 else slow
+    return n
+
+
+def _gather_rows(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Returns the per-image arrays of all processes, concatenated (one process: as given)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return {k: np.asarray(multihost_utils.process_allgather(v)).reshape(-1)
+            for k, v in local.items()}
+
+
+FirstBatch = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], None]
+
+
+def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: Any = None,
+                       label: str = "eval", on_first_batch: FirstBatch | None = None
+                       ) -> dict[str, np.ndarray]:
+    """Returns per-image values over the eval set: {column: (N,)} on the table's scale
+    (percent columns x 100), plus 'image' (the position in the evaluation order: with one
+    process, the index in the eval split), 'label' (the data's, -1 unknown) and 'class' (the
+    explained class), sorted by image.
+
+    on_first_batch(batch, maps, classes): called with this host's first batch and its maps
+    (B, H, W) and classes (B,) as numpy (the demo draws its grid from them).
+    """
     from tame_jax import data
 
     mesh = make_mesh()
     check_global_batch(config.eval.batch_size, mesh, "eval.batch_size")
+    selected_metrics(config, True)  # unknown metrics and options fail before any work
     info = data.get_dataset_info(config)
-    num = config.eval.num_examples if config.eval.num_examples > 0 else info.num_eval_examples
-    num_batches = -(-num // config.eval.batch_size)
-    batches = _limited(data.eval_iterator(config, global_batch_size=config.eval.batch_size),
-                       config.eval.num_examples, config.eval.batch_size)
+    limit = num_examples(config, method)
+    num = min(limit, info.num_eval_examples) if limit > 0 else info.num_eval_examples
+    global_batch = config.eval.batch_size
+    num_batches = -(-num // global_batch)
+    batches = _limited(data.eval_iterator(config, global_batch_size=global_batch), limit,
+                       global_batch)
     model = replicate(model, mesh)
     attention_vars = replicate(attention_vars, mesh) if attention_vars is not None else None
     maps_of = map_fn(method, config)
-    sums: dict[str, float] = {}
-    count = 0
     key = jax.random.key(config.seed)
-    progress = Progress(num_batches, label)
-    percent: dict[str, bool] = {}
+    progress = cli.progress_bar(num_batches, label, unit="batch")
+    rows: dict[str, list[np.ndarray]] = {}
     for i, batch in enumerate(batches):
         with_boxes = "bbox" in batch
+        if i == 0:
+            check_data(config, with_boxes, batch["label"][batch["valid"]])
         metrics_of = batch_metrics(config, with_boxes)
-        percent = {c: f["percent"] for c, f in column_formats(config, with_boxes).items()}
-        arrays = shard_batch({k: batch[k] for k in ("image", "bbox") if k in batch}, mesh)
+        formats = column_formats(config, with_boxes)
+        want_label_maps = needs_label_maps(config, with_boxes)
+        names = ("image", "bbox", "label", "valid") if want_label_maps else ("image", "bbox")
+        arrays = shard_batch({k: batch[k] for k in names if k in batch}, mesh)
         k_map, k_metrics = jax.random.split(jax.random.fold_in(key, i))
-        maps, classes = maps_of(model, attention_vars, arrays["image"], k_map)
-        out = metrics_of(model, arrays["image"], maps, classes, k_metrics, arrays.get("bbox"))
-        valid = np.asarray(batch["valid"], np.float64)
+        classes = predict(model, arrays["image"])
+        maps = maps_of(model, attention_vars, arrays["image"], classes, k_map)
+        label_maps = None
+        if want_label_maps:
+            label_maps = label_maps_of(maps_of, model, attention_vars, arrays["image"], k_map,
+                                       classes, maps, arrays["label"], arrays["valid"],
+                                       slow=get_method(method).slow)
+        out = metrics_of(model, arrays["image"], maps, classes, k_metrics, arrays.get("bbox"),
+                         arrays.get("label"), label_maps)
+        local = len(batch["valid"])
+        if i == 0 and on_first_batch is not None:
+            on_first_batch(batch, local_rows(maps).reshape(local, *maps.shape[1:]),
+                           local_rows(classes)[:local].astype(np.int64))
+        first = i * global_batch + jax.process_index() * local  # this host's rows, in order
+        record = {"image": np.arange(first, first + local), "valid": batch["valid"],
+                  "label": np.asarray(batch["label"]), "class": local_rows(classes)[:local]}
         for k, v in out.items():
-            local = local_rows(v)[: len(valid)]
-            sums[k] = sums.get(k, 0.0) + float((local * valid).sum())
-        count += int(valid.sum())
+            record[k] = (100.0 if formats[k]["percent"] else 1.0) * local_rows(v)[:local]
+        for k, v in record.items():
+            rows.setdefault(k, []).append(np.asarray(v))
         progress.update()
     progress.close()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        keys = sorted(sums)
-        totals = multihost_utils.process_allgather(np.asarray([sums[k] for k in keys] + [count]))
-        totals = np.asarray(totals).reshape(jax.process_count(), -1).sum(0)
-        sums, count = dict(zip(keys, totals[:-1], strict=True)), int(totals[-1])
-    if count == 0:
+    if not rows:
         raise ValueError("the eval set is empty: check config.data and --eval_list")
-    result: dict[str, float] = {}
-    for k, v in sums.items():
-        result[k] = (100.0 if percent.get(k) else 1.0) * v / count
-    result["num_images"] = count
+    table = _gather_rows({k: np.concatenate(v) for k, v in rows.items()})
+    keep = table.pop("valid").astype(bool)
+    order = np.argsort(table["image"][keep], kind="stable")
+    out = {k: v[keep][order] for k, v in table.items()}
+    if len(out["image"]) == 0:
+        raise ValueError("the eval set is empty: check config.data and --eval_list")
+    for k in ("image", "label", "class"):
+        out[k] = out[k].astype(np.int64)
+    return out
+
+
+def summarise(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+    """Returns {column: mean} of per-image values (already on the table's scale), num_images."""
+    result = {k: float(np.mean(v)) for k, v in per_image.items()
+              if k not in ("image", "label", "class")}
+    result["num_images"] = len(per_image["image"])
     return result
+
+
+def evaluate_maps(config: Any, model: Model, method: str, attention_vars: Any = None,
+                  label: str = "eval") -> dict[str, float]:
+    """Returns {column: mean} over the eval set (percent columns x 100) and num_images."""
+    return summarise(evaluate_per_image(config, model, method, attention_vars, label))
 
 
 def row_name(config: Any, method: str) -> str:
@@ -351,15 +570,21 @@ def row_name(config: Any, method: str) -> str:
 
 
 def run(config: Any, workdir: str, *, method: str = "tame", steps: str = "latest",
-        out_dir: str | None = None) -> list[dict[str, Any]]:
-    """Returns the table rows of one method (one per checkpoint for TAME) and writes them."""
+        out_dir: str | None = None, on_first_batch: FirstBatch | None = None
+        ) -> list[dict[str, Any]]:
+    """Returns the table rows of one method (one per checkpoint for TAME) and writes them:
+    OUT/<name>.{csv,json,md} and the per-image values OUT/<name>.per_image.csv.
+
+    on_first_batch: see `evaluate_per_image` (called for the first evaluated checkpoint).
+    """
     from tame_jax.model import build_model
 
     m = get_method(method)
+    selected_metrics(config, True)  # unknown metrics and options fail before any work
     model = build_model(config)
     out_dir = out_dir or os.path.join(workdir, "eval")
     name = row_name(config, method)
-    rows = []
+    rows, per_image = [], []
     if m.trained:
         ckpt = checkpoints.Checkpointer(workdir, identity=checkpoints.describe(config),
                                         read_only=True)
@@ -381,19 +606,41 @@ def run(config: Any, workdir: str, *, method: str = "tame", steps: str = "latest
                                  f"available steps are {available}")
         for step in wanted:
             attention_vars, _ = checkpoints.restore_attention(config, workdir, model, step)
-            result = evaluate_maps(config, model, method, attention_vars,
-                                   label=f"{name} step {step}")
-            rows.append({"method": name, "step": step, **result})
+            values = evaluate_per_image(config, model, method, attention_vars,
+                                        label=f"{name} step {step}",
+                                        on_first_batch=on_first_batch)
+            on_first_batch = None
+            rows.append({"method": name, "step": step, **summarise(values)})
+            per_image.append((step, values))
     else:
-        result = evaluate_maps(config, model, method, None, label=method)
-        rows.append({"method": name, "step": "-", **result})
+        values = evaluate_per_image(config, model, method, None, label=method,
+                                    on_first_batch=on_first_batch)
+        rows.append({"method": name, "step": "-", **summarise(values)})
+        per_image.append(("-", values))
     with_boxes = any(c in rows[0] for c in metric_columns(config, True)
                      if c not in metric_columns(config, False))
     columns = [c for c in metric_columns(config, with_boxes) if c in rows[0]]
     if jax.process_index() == 0:
-        paths = report.write_tables(rows, columns, out_dir, name,
-                                    formats=column_formats(config, with_boxes))
+        formats = column_formats(config, with_boxes)
+        paths = report.write_tables(rows, columns, out_dir, name, formats=formats,
+                                    per_image=per_image)
         logging.info("wrote %s", ", ".join(paths.values()))
-        print(report.markdown_table(rows, ["method", "step", *columns],
-                                    column_formats(config, with_boxes)))
+        with open(paths["md"]) as f:
+            print(f.read())
+        write_tensorboard(rows, columns, workdir)
     return rows
+
+
+def write_tensorboard(rows: list[dict[str, Any]], columns: list[str], workdir: str) -> None:
+    """Writes each row's metrics as TensorBoard scalars `eval/<method>/<column>` into the
+    training workdir, beside the training curves (a baseline's row at step 0)."""
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=False)
+    try:
+        for row in rows:
+            step = row["step"] if isinstance(row["step"], int) else 0
+            writer.write_scalars(step, {f"eval/{row['method']}/{c}": float(row[c])
+                                        for c in columns if c in row})
+    finally:
+        writer.close()

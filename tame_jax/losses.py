@@ -9,39 +9,86 @@ the same sum over all of M.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from tame_jax.image_ops import resize_bilinear
 
-CE_COEF, AREA_COEF, VAR_COEF = 1.5, 2.0, 0.01
-AREA_EPS, AREA_POWER, BORDER_COEF = 0.0005, 0.3, 0.3
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The objective's coefficients (config.loss); the defaults are the paper's.
+
+    loss = ce * L_CE + area * L_area + variation * L_var, with L_area = mean((M + area_eps) **
+    area_power) and L_var = (TV + border * border lines) / (2B) over the B x B maps M.
+    variation_reference_batch = N > 0 multiplies L_var by N / B: L_var sums B^2 maps over 2B,
+    so it grows linearly with the global batch B; scaled, it weighs per image at any batch what
+    it weighs at batch N (the paper's runs: 32). 0 keeps the paper's formula as it is.
+    """
+
+    ce: float = 1.5
+    area: float = 2.0
+    variation: float = 0.01
+    area_power: float = 0.3
+    area_eps: float = 0.0005
+    border: float = 0.3
+    variation_reference_batch: int = 0
+
+    @classmethod
+    def from_config(cls, loss: Mapping[str, Any] | None) -> LossConfig:
+        """Returns the coefficients of a config's `loss` section (defaults where absent)."""
+        if loss is None:
+            return cls()
+        # Other fields of config.loss (options of the step, not coefficients) are not read here.
+        names = [f.name for f in dataclasses.fields(cls)]
+        out = cls(**{k: type(getattr(cls(), k))(loss[k]) for k in names if k in loss})
+        if out.variation_reference_batch < 0:
+            raise ValueError(f"config.loss.variation_reference_batch="
+                             f"{out.variation_reference_batch}: use 0 (off) or a batch size "
+                             "such as 32 (the paper's)")
+        return out
 
 
-def mask_images(x: jax.Array, own_maps: jax.Array) -> jax.Array:
+PAPER = LossConfig()
+
+
+MASK_SPACES = ("pixels", "normalized")
+
+
+def mask_images(x: jax.Array, own_maps: jax.Array,
+                fill: Sequence[float] | None = None) -> jax.Array:
     """Returns x (B, H, W, 3) in [0, 1] multiplied by own_maps (B, S, S) upsampled to (H, W).
 
-    The upsampling is bilinear with half-pixel centres (PyTorch align_corners=False).
+    The upsampling is bilinear with half-pixel centres (PyTorch align_corners=False). With
+    `fill` (a colour), masking pulls pixels towards it instead of 0: fill + (x - fill) * map.
+    fill = the model's mean is T-TAME's masking of the normalised input, since
+    norm(mean + (x - mean) m) = norm(x) m.
     """
     _, h, w, _ = x.shape
     up = resize_bilinear(own_maps[..., None].astype(x.dtype), (h, w))  # (B, H, W, 1)
-    return x * up
+    if fill is None:
+        return x * up
+    fill = jnp.asarray(fill, x.dtype)
+    return fill + (x - fill) * up
 
 
-def area_sum(maps: jax.Array) -> jax.Array:
-    """Returns the float32 sum of (M + 0.0005)^0.3 over all elements of maps (unnormalised)."""
+def area_sum(maps: jax.Array, eps: float = PAPER.area_eps, power: float = PAPER.area_power
+             ) -> jax.Array:
+    """Returns the float32 sum of (M + eps)^power (paper: 0.0005, 0.3) over all elements."""
     maps = maps.astype(jnp.float32)
-    return jnp.sum((maps + AREA_EPS) ** AREA_POWER)
+    return jnp.sum((maps + eps) ** power)
 
 
-def variation_sum(maps: jax.Array) -> jax.Array:
+def variation_sum(maps: jax.Array, border_coef: float = PAPER.border) -> jax.Array:
     """Returns the float32 total-variation-plus-border sum of maps (..., S, S), unnormalised.
 
     Σ (M[.., i+1, j] - M[.., i, j])² + Σ (M[.., i, j+1] - M[.., i, j])²
-    + 0.3 · (Σ M[.., 0, :]² + Σ M[.., -1, :]² + Σ M[.., :, 0]² + Σ M[.., :, -1]²):
-    the four border lines are summed separately, so each corner counts twice.
+    + border_coef · (Σ M[.., 0, :]² + Σ M[.., -1, :]² + Σ M[.., :, 0]² + Σ M[.., :, -1]²):
+    the four border lines are summed separately, so each corner counts twice (paper: 0.3).
     """
     m = maps.astype(jnp.float32)
     tv = jnp.sum(jnp.square(m[..., 1:, :] - m[..., :-1, :]))
@@ -53,7 +100,7 @@ def variation_sum(maps: jax.Array) -> jax.Array:
         + jnp.sum(sq[..., :, 0])
         + jnp.sum(sq[..., :, -1])
     )
-    return tv + BORDER_COEF * border
+    return tv + border_coef * border
 
 
 def tame_objective(
@@ -63,6 +110,8 @@ def tame_objective(
     offset: int | jax.Array,
     classify: Callable[[jax.Array], jax.Array],
     axis_name: str | None = None,
+    mask_fill: Sequence[float] | None = None,
+    coefs: LossConfig = PAPER,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (total loss, {'loss', 'ce', 'area', 'variation', 'agreement'}) of the global batch.
 
@@ -75,10 +124,13 @@ def tame_objective(
     classify: maps masked images (b, H, W, 3) in [0, 1] to logits (b, K); it normalises itself.
     axis_name: inside shard_map, the batch mesh axis; the sums are psum'ed over it so that all
       returned values are global-batch values, identical on every device.
+    mask_fill: the colour a masked pixel takes (`mask_images`); None = black (TAME).
 
-    ce = Σ_b CE / B, area = Σ (M + 0.0005)^0.3 / (B·B·S·S), variation = variation_sum(M) / (2B),
-    loss = 1.5 ce + 2 area + 0.01 variation, agreement = fraction of images whose masked-image
-    argmax equals its label.
+    coefs: the coefficients (`LossConfig`, config.loss; default the paper's).
+
+    ce = Σ_b CE / B, area = Σ (M + 0.0005)^0.3 / (B·B·S·S), variation = variation_sum(M) / (2B)
+    (times R / B with coefs.variation_reference_batch = R > 0), loss = 1.5 ce + 2 area + 0.01
+    variation, agreement = fraction of images whose masked-image argmax equals its label.
     """
     b, s1, s2, n_maps = attention_maps.shape
     big_b = labels.shape[0]
@@ -99,12 +151,12 @@ def tame_objective(
     own = maps[jnp.arange(b), :, :, idx]  # (b, S, S)
     own_labels = jnp.take(labels, idx, axis=0)  # (b,)
 
-    logits = classify(mask_images(x, own)).astype(jnp.float32)  # (b, K)
+    logits = classify(mask_images(x, own, mask_fill)).astype(jnp.float32)  # (b, K)
     logp = jax.nn.log_softmax(logits, axis=-1)
     ce_sum = -jnp.sum(jnp.take_along_axis(logp, own_labels[:, None], axis=-1))
     agree = jnp.sum((jnp.argmax(logits, axis=-1) == own_labels).astype(jnp.float32))
-    area = area_sum(maps)
-    var = variation_sum(jnp.moveaxis(maps, -1, 1))  # (b, B, S, S)
+    area = area_sum(maps, coefs.area_eps, coefs.area_power)
+    var = variation_sum(jnp.moveaxis(maps, -1, 1), coefs.border)  # (b, B, S, S)
 
     sums = (ce_sum, area, var, agree)
     if axis_name is not None:
@@ -113,7 +165,9 @@ def tame_objective(
     ce = ce_sum / big_b
     area = area / (big_b * big_b * s1 * s2)
     var = var / (2 * big_b)
-    loss = CE_COEF * ce + AREA_COEF * area + VAR_COEF * var
+    if coefs.variation_reference_batch:  # B^2 maps over 2B: per image, as at batch R
+        var = var * (coefs.variation_reference_batch / big_b)
+    loss = coefs.ce * ce + coefs.area * area + coefs.variation * var
     return loss, {
         "loss": loss,
         "ce": ce,

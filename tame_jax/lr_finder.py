@@ -21,6 +21,7 @@ import numpy as np
 from absl import flags, logging
 
 from tame_jax import cli, optim
+from tame_jax.losses import LossConfig
 from tame_jax.sharding import check_global_batch, make_mesh, replicate, shard_batch
 from tame_jax.train_step import init_state, make_train_step
 
@@ -53,17 +54,24 @@ def run(config: Any, workdir: str, *, min_lr: float, max_lr: float, num_steps: i
     check_global_batch(config.batch_size, mesh)
     model = build_model(config)
     schedule = exponential_lr(min_lr, max_lr, num_steps)
-    tx = optim.make_optimizer(schedule, momentum=0.9)
+    tx = optim.make_optimizer(schedule, momentum=0.9, bias_lr_factor=config.bias_lr_factor)
     state = init_state(model, tx, jax.random.key(config.seed), mesh)
     step_fn = make_train_step(mesh, tx, backbone_mode=config.model.backbone_mode,
-                              selective_fusion=config.model.selective_fusion)
+                              selective_fusion=config.model.selective_fusion,
+                              train_labels=config.model.train_labels,
+                              loss=LossConfig.from_config(config.get("loss")),
+                              mask_space=config.loss.mask_space)
+    data_labels = config.model.train_labels == "data"
     model = replicate(model, mesh)
     batches = data.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed)
     key = jax.random.key(config.seed)
     lrs, losses = [], []
     for step in range(num_steps):
-        images = shard_batch({"image": next(batches)["image"]}, mesh)["image"]
-        state, metrics = step_fn(state, model, images, jax.random.fold_in(key, step))
+        batch = next(batches)
+        arrays = shard_batch({k: batch[k] for k in (("image", "label") if data_labels
+                                                     else ("image",))}, mesh)
+        state, metrics = step_fn(state, model, arrays["image"], jax.random.fold_in(key, step),
+                                 arrays.get("label"))
         loss = float(metrics["loss"])
         lrs.append(float(schedule(step)))
         losses.append(loss)

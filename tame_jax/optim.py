@@ -7,7 +7,7 @@ between 0.85 and 0.95). This module reproduces that arithmetic step for step:
 - schedules follow OneCycleLR's phase boundaries exactly (the peak is at step
   `pct_start * total_steps - 1`, the last value at step `total_steps - 1`);
 - weight decay is added to the gradient before momentum (classic, coupled L2), on kernels and
-  BatchNorm scales only; biases get twice the learning rate and no decay;
+  BatchNorm scales only; biases get twice the learning rate (`bias_lr_factor`) and no decay;
 - the momentum buffer follows torch: `buf = m * buf + g`, `update = g + m * buf`.
 """
 
@@ -96,11 +96,12 @@ def make_optimizer(
     *,
     momentum: float | Schedule | None = None,
     weight_decay: float = WEIGHT_DECAY,
+    bias_lr_factor: float = BIAS_LR_FACTOR,
 ) -> optax.GradientTransformation:
     """Returns the two-group Nesterov SGD; a float learning rate gets the one-cycle schedules.
 
     A callable `learning_rate` (used by the LR finder) is taken as the schedule of the kernel
-    group; biases always get `BIAS_LR_FACTOR` times it.
+    group; biases always get `bias_lr_factor` times it (TAME 2; T-TAME's ViT recipe 1).
     """
     if callable(learning_rate):
         lr = learning_rate
@@ -113,7 +114,7 @@ def make_optimizer(
             raise ValueError("make_optimizer needs total_steps for the momentum schedule")
         momentum = one_cycle_momentum(total_steps)
     mom = momentum if callable(momentum) else (lambda _: jnp.asarray(momentum, jnp.float32))
-    bias_lr = lambda step: BIAS_LR_FACTOR * lr(step)
+    bias_lr = lambda step: bias_lr_factor * lr(step)
     decayed = optax.chain(optax.add_decayed_weights(weight_decay), _sgd(lr, mom))
     return optax.multi_transform(
         {"decay": decayed, "bias": _sgd(bias_lr, mom)},

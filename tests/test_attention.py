@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tame_jax.attention import VARIANTS, TAMEAttention
+from tame_jax.attention import VARIANTS, BatchNorm, TAMEAttention
 from tame_jax.image_ops import resize_bilinear
 
 SIZES = (8, 4, 2)
@@ -178,6 +178,58 @@ def test_train_mode_batchnorm_uses_batch_stats_and_torch_momentum():
     old = variables["batch_stats"]["bns_1"]
     new = upd["batch_stats"]["bns_1"]
     np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * moments[1][0], atol=1e-5)
+    n = 3 * 4 * 4  # batch x H x W of branch 1: the running variance takes the unbiased one
+    np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * moments[1][1] * n / (n - 1),
+                               rtol=1e-5)
+
+
+def test_batchnorm_running_variance_by_hand():
+    # One channel, four values 1, 2, 3, 6: mean 3, biased variance 14/4, unbiased 14/3.
+    x = jnp.asarray([1.0, 2.0, 3.0, 6.0]).reshape(1, 2, 2, 1)
+    bn = BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+    assert float(variables["batch_stats"]["var"][0]) == 1.0  # init: mean 0, var 1
+    y, upd = bn.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], [0.9 * 0 + 0.1 * 3.0], rtol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], [0.9 * 1 + 0.1 * 14 / 3], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y).ravel(), (np.asarray([1, 2, 3, 6]) - 3)
+                               / np.sqrt(3.5 + 1e-5), rtol=1e-6)
+    # Eval mode normalises with the running statistics.
+    ev = BatchNorm(use_running_average=True).apply(upd | {"params": variables["params"]}, x)
+    np.testing.assert_allclose(np.asarray(ev).ravel(), (np.asarray([1, 2, 3, 6]) - 0.3)
+                               / np.sqrt(0.9 + 0.1 * 14 / 3 + 1e-5), rtol=1e-6)
+
+
+def test_batchnorm_matches_torch_batchnorm2d_in_train_and_eval_mode():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 4, 6)).astype(np.float32) * 2 + 1  # (B, H, W, C)
+    scale, bias = rng.normal(size=6), rng.normal(size=6)
+    mean0, var0 = rng.normal(size=6), rng.uniform(0.5, 2.0, size=6)
+    ref = torch.nn.BatchNorm2d(6, eps=1e-5, momentum=0.1)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(scale))
+        ref.bias.copy_(torch.tensor(bias))
+        ref.running_mean.copy_(torch.tensor(mean0))
+        ref.running_var.copy_(torch.tensor(var0))
+    variables = {"params": {"scale": jnp.asarray(scale, jnp.float32),
+                            "bias": jnp.asarray(bias, jnp.float32)},
+                 "batch_stats": {"mean": jnp.asarray(mean0, jnp.float32),
+                                 "var": jnp.asarray(var0, jnp.float32)}}
+    xt = torch.tensor(x).permute(0, 3, 1, 2)  # NCHW
+    for _ in range(2):  # two training steps: the running statistics compound
+        want = ref.train()(xt).permute(0, 2, 3, 1).detach().numpy()
+        got, upd = BatchNorm(use_running_average=False).apply(variables, jnp.asarray(x),
+                                                              mutable=["batch_stats"])
+        variables = {"params": variables["params"], **upd}
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(upd["batch_stats"]["mean"], ref.running_mean.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(upd["batch_stats"]["var"], ref.running_var.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    want = ref.eval()(xt).permute(0, 2, 3, 1).detach().numpy()
+    got = BatchNorm(use_running_average=True).apply(variables, jnp.asarray(x))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_batchnorm_axis_name_gives_global_batch_statistics():

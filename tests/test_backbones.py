@@ -39,7 +39,11 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 def test_registry_default_layers_and_names():
     assert set(BACKBONES) == {f"resnet{d}" for d in (18, 34, 50, 101, 152)} | {
-        f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")}
+        f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")} | {
+        "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "vit_mini_16",
+        "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+        "vit_base_patch32_224", "vit_large_patch16_224"} | {
+        f"efficientnet_lite{d}" for d in (0, 1, 2)}
     assert get_spec("resnet50").default_layers == ("layer2", "layer3", "layer4")
     assert get_spec("vgg16").default_layers == ("features.16", "features.23", "features.30")
     assert get_spec("vgg16_bn").default_layers == ("features.23", "features.33", "features.43")

@@ -224,3 +224,69 @@ def test_unknown_config_key_on_the_command_line_is_named(tmp_path, flag, message
     assert r.returncode == 1
     assert message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eval.road_variant", "grad-cam", r"config\.eval\.road_variant='grad-cam' is not a known "
+                                      r"option; choose one of \('gradcam', 'pixels'\)"),
+    ("eval.insertion_variant", "petsiuk", r"insertion_variant='petsiuk'.*\('rise', 'pixels'\)"),
+    ("eval.pointing_classes", ("gt",), r"pointing_classes=\('gt',\): use one or both of "
+                                       r"\('label', 'predicted'\)"),
+    ("eval.insertion_step", -5, r"insertion_step=-5: use a number of pixels per step"),
+    ("eval.metrics", ("ad_ic", "roadd"), r"unknown \['roadd'\]; registered metrics are"),
+])
+def test_unknown_metric_option_fails_before_anything_is_written(folder, tmp_path, key, value,
+                                                                message):
+    from tame_jax import demo, evaluation
+
+    config = folder(**{key: value, "data.eval_split": "train"})
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match=message):
+        evaluation.run(config, str(tmp_path / "run"), method="gradcam", out_dir=str(out))
+    with pytest.raises(ValueError, match=message):  # the demo: before data and training
+        demo.run(config, str(tmp_path / "demo"), ("gradcam",))
+    assert not out.exists() and not (tmp_path / "demo").exists()
+
+
+def test_pointing_game_on_data_without_boxes_names_the_fix(folder, tmp_path):
+    from tame_jax import evaluation
+
+    config = folder(**{"eval.metrics": ("ad_ic", "pointing"), "data.eval_split": "train",
+                       "eval.batch_size": 8, "eval.num_examples": 8})
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match=r"asks for \['pointing'\], which need object boxes, "
+                                         r"but the eval data \(config\.data\.source='folder'"
+                                         r".*remove them from config\.eval\.metrics"):
+        evaluation.run(config, str(tmp_path / "run"), method="gradcam", out_dir=str(out))
+    assert not out.exists()
+
+
+def test_list_file_labels(folder, tmp_path):
+    from tame_jax.data.sources import read_list_file
+
+    root = folder().data.root
+    files = sorted(os.path.relpath(os.path.join(d, f), root)
+                   for d, _, fs in os.walk(os.path.join(root, "train")) for f in fs)
+    unlabelled = tmp_path / "paths.txt"
+    unlabelled.write_text("\n".join(files) + "\n")
+    config = folder(**{"data.source": "list", "data.list_file": str(unlabelled)})
+    paths, labels = read_list_file(config, "train")
+    assert len(paths) == 16 and labels == [-1] * 16  # paths only: labels unknown
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(f"{files[0]} 3\n{files[1]}\n")
+    with pytest.raises(ValueError, match=r"mixed\.txt:2: expected `relative/path label` like "
+                                         r"the other lines"):
+        read_list_file(folder(**{"data.source": "list", "data.list_file": str(mixed)}), "train")
+    # Training on the data's labels (the reference's list files) needs them: one clear error,
+    # before the workdir is made.
+    config = folder(**{"data.source": "list", "data.list_file": str(unlabelled),
+                       "model.backbone_mode": "train", "model.train_labels": "data"})
+    with pytest.raises(ValueError, match=r"train_labels='data' needs a label for every training "
+                                         r"image, but 16 of the 16 lines of the list file have "
+                                         r"none: write `relative/path label` lines.*or set "
+                                         r"config\.model\.train_labels='model'"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"train_labels='truth'; choose one of \('model', "
+                                         r"'data'\)"):
+        train.train_and_evaluate(folder(**{"model.train_labels": "truth"}), str(tmp_path / "r"))

@@ -30,3 +30,15 @@ def test_quick_bench_reports_all_fields(tmp_path):
                                rtol=1e-4)
     assert row["train_speedup_selective"] > 0 and row["explain_speedup_selective"] > 0
     assert "| resnet18 | float32 | 2 | train | selective |" in bench.format_table(result)
+
+
+def test_vit_rows(tmp_path):
+    """A ViT goes through the same rows (its maps are token layers); --width is ResNet-only."""
+    result = bench.run_benchmark(backbones=("vit_mini_16",), batch=2, image_size=64, steps=1,
+                                 width=16, num_classes=10, matmul_n=256, probe=False)
+    (row,) = result["results"]
+    assert row["backbone"] == "vit_mini_16"
+    assert row["train_selective"]["gflops_per_image"] < row["train_full"]["gflops_per_image"]
+    assert row["explain_max_abs_diff"] < 1e-4
+    np.testing.assert_allclose(row["train_full"]["loss"], row["train_selective"]["loss"],
+                               rtol=1e-4)

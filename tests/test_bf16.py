@@ -15,17 +15,26 @@ from tame_jax.train_step import TrainState, make_train_step
 IMAGE = 64
 
 
-@pytest.fixture(scope="module")
-def models():
-    """Returns (bf16 model from the config, the same model and weights computing in f32)."""
+@pytest.fixture(scope="module", params=["resnet18", "vit"])
+def models(request):
+    """Returns (bf16 model from the config, the same model and weights computing in f32):
+    a ResNet-18 at width 16, or a small ViT (8x8 token maps, T-TAME's ln_1 taps)."""
     config = default_config()
-    config.model.backbone = "resnet18"
-    config.model.backbone_kwargs.width = 16
+    if request.param == "vit":
+        config.model.backbone = "vit_mini_16"
+        config.model.backbone_kwargs = {"patch_size": 8}
+        config.model.layers = tuple(f"encoder.layers.encoder_layer_{i}.ln_1" for i in (1, 2, 3))
+    else:
+        config.model.backbone = "resnet18"
+        config.model.backbone_kwargs.width = 16
     config.model.num_classes = 20
     config.model.backbone_weights = "random"
     config.model.dtype = "bfloat16"
     config.data.image_size = IMAGE
     bf16 = build_model(config)
+    if request.param == "vit":  # torchvision inits the head to 0: give the classes a say
+        head = bf16.backbone_vars["params"]["heads"]["head"]
+        head["kernel"] = jax.random.normal(jax.random.key(7), head["kernel"].shape)
     f32 = bf16.replace(backbone=bf16.backbone.clone(dtype=jnp.float32),
                        attention=bf16.attention.clone(dtype=jnp.float32))
     return bf16, f32

@@ -40,8 +40,9 @@ def test_short_demo_writes_every_output(tmp_path):
     config.checkpoint_every = 2
     config.eval.batch_size = 8
     config.eval.num_examples = 8
+    config.eval.num_examples_slow = 4  # RISE: the first 4 only
     config.eval.road_fractions = (0.5,)
-    config.eval.insertion_steps = 4
+    config.eval.insertion_step = 1024
     config.eval.rise_masks = 16
     workdir = str(tmp_path / "demo")
     methods = ("tame", "gradcam", "rise")
@@ -49,11 +50,17 @@ def test_short_demo_writes_every_output(tmp_path):
     assert set(times) == {"data", "train", "eval tame", "eval gradcam", "eval rise", "figures"}
 
     eval_dir = pathlib.Path(workdir) / "eval"
-    table = (eval_dir / "comparison.md").read_text().strip().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == list(methods)
+    text = (eval_dir / "comparison.md").read_text()
+    means = [line for line in text.splitlines() if line.startswith("| ")][:4]
+    assert [line.split("|")[1].strip() for line in means[1:]] == list(methods)
+    assert [line.split("|")[3].strip() for line in means[1:]] == ["8", "8", "4"]
+    assert all("[" in cell for cell in means[1].split("|")[4:-1])  # every mean has its interval
+    assert "| gradcam | 8 |" in text and "| rise | 4 |" in text  # paired on common images
     for m in methods:
         row = json.loads((eval_dir / f"{m}.json").read_text())["rows"][0]
-        assert row["num_images"] == 8
+        assert row["num_images"] == (4 if m == "rise" else 8)
+        per_image = (eval_dir / f"{m}.per_image.csv").read_text().splitlines()
+        assert len(per_image) == 1 + row["num_images"]
         for k in ("ad_100", "ic_100", "ad_15", "road_morf_50", "road_lerf_50", "agreement",
                   "pointing", "energy_in_box"):
             assert 0 <= row[k] <= 100, (m, k, row[k])

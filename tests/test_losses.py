@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tame_jax.losses import area_sum, mask_images, tame_objective, variation_sum
+from tame_jax.config import default_config
+from tame_jax.losses import PAPER, LossConfig, area_sum, mask_images, tame_objective, variation_sum
 
 B, S, H, K = 2, 4, 8, 3
 MEAN = (0.485, 0.456, 0.406)
@@ -60,8 +61,13 @@ def make_case(seed: int = 0):
     return x, maps, labels, w
 
 
-def hand_terms(x, maps, labels, w, corners_twice=True, mask_after_norm=False, var_norm=None):
-    """Returns the objective's terms computed by loops; the flags build deliberately wrong ones."""
+def hand_terms(x, maps, labels, w, corners_twice=True, mask_after_norm=False, var_norm=None,
+               coefs=(1.5, 2.0, 0.01, 0.3, 0.0005, 0.3)):
+    """Returns the objective's terms computed by loops; the flags build deliberately wrong ones.
+
+    coefs: (ce, area, variation, area power, area eps, border) weights.
+    """
+    c_ce, c_area, c_var, power, eps, c_border = coefs
     # M[b, j] = map of image b for class labels[j]
     ce_total, agree = 0.0, 0
     for b in range(B):
@@ -91,7 +97,7 @@ def hand_terms(x, maps, labels, w, corners_twice=True, mask_after_norm=False, va
             m = maps[b, :, :, j]
             for i in range(S):
                 for k in range(S):
-                    area_total += (m[i, k] + 0.0005) ** 0.3
+                    area_total += (m[i, k] + eps) ** power
                     if i + 1 < S:
                         var_total += (m[i + 1, k] - m[i, k]) ** 2
                     if k + 1 < S:
@@ -103,10 +109,10 @@ def hand_terms(x, maps, labels, w, corners_twice=True, mask_after_norm=False, va
             if not corners_twice:
                 for i, k in [(0, 0), (0, S - 1), (S - 1, 0), (S - 1, S - 1)]:
                     border -= m[i, k] ** 2
-            var_total += 0.3 * border
+            var_total += c_border * border
     area = area_total / (B * B * S * S)
     var = var_total / (var_norm if var_norm is not None else 2 * B)
-    loss = 1.5 * ce + 2.0 * area + 0.01 * var
+    loss = c_ce * ce + c_area * area + c_var * var
     return {"loss": loss, "ce": ce, "area": area, "variation": var, "agreement": agree / B}
 
 
@@ -121,10 +127,10 @@ def jax_classify(w):
     return classify
 
 
-def run_objective(x, maps, labels, w):
+def run_objective(x, maps, labels, w, coefs=PAPER):
     loss, terms = tame_objective(
         jnp.asarray(x, jnp.float32), jnp.asarray(maps, jnp.float32), jnp.asarray(labels), 0,
-        jax_classify(w))
+        jax_classify(w), coefs=coefs)
     return loss, {k: float(v) for k, v in terms.items()}
 
 
@@ -200,3 +206,47 @@ def test_objective_shape_errors():
     with pytest.raises(ValueError, match="axis_name"):
         tame_objective(jnp.asarray(x[:1]), jnp.asarray(maps[:1]), jnp.asarray(labels), 0,
                        jax_classify(w))
+
+
+def test_config_loss_holds_the_papers_coefficients_and_others_follow_them():
+    assert LossConfig.from_config(default_config().loss) == PAPER
+    assert PAPER == LossConfig(1.5, 2.0, 0.01, 0.3, 0.0005, 0.3, 0)
+    x, maps, labels, w = make_case(4)
+    other = LossConfig(ce=1.0, area=3.0, variation=0.1, area_power=0.5, area_eps=0.01,
+                       border=0.7)
+    _, got = run_objective(x, maps, labels, w, other)
+    want = hand_terms(x, maps, labels, w, coefs=(1.0, 3.0, 0.1, 0.5, 0.01, 0.7))
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+    assert LossConfig.from_config({"area": 3, "other_option": "x"}) == LossConfig(area=3.0)
+    with pytest.raises(ValueError, match="variation_reference_batch=-1"):
+        LossConfig.from_config({"variation_reference_batch": -1})
+
+
+def test_variation_reference_batch_keeps_per_term_values_at_any_batch():
+    """Batch 64 made of the batch-8 images 8 times: with the knob every term equals batch 8's."""
+    rng = np.random.default_rng(5)
+    b8, s = 8, 5
+    x8 = rng.uniform(size=(b8, H, H, 3)).astype(np.float32)
+    labels8 = rng.integers(0, K, size=b8)
+    maps8 = rng.uniform(size=(b8, s, s, b8)).astype(np.float32)  # [i, :, :, j]: image i, L[j]
+    reps = 8
+    idx = np.arange(b8 * reps) % b8
+    x64, labels64 = x8[idx], labels8[idx]
+    maps64 = maps8[idx][..., idx]  # image i % 8 for label j % 8
+    w = rng.normal(size=(H, H, 3, K)) * 0.1
+
+    def terms(x, maps, labels, coefs):
+        return run_objective(x, maps, labels, w, coefs)[1]
+
+    knob = LossConfig(variation_reference_batch=32)
+    t8, t64 = terms(x8, maps8, labels8, knob), terms(x64, maps64, labels64, knob)
+    for k in ("loss", "ce", "area", "variation", "agreement"):
+        assert t64[k] == pytest.approx(t8[k], rel=1e-5), k
+    # The paper's formula as it is: the variation term grows with the batch (8x here).
+    p8, p64 = terms(x8, maps8, labels8, PAPER), terms(x64, maps64, labels64, PAPER)
+    assert p64["variation"] == pytest.approx(8 * p8["variation"], rel=1e-5)
+    assert p64["ce"] == pytest.approx(p8["ce"], rel=1e-5)
+    # At the reference batch the knob is the paper's formula.
+    assert terms(x8, maps8, labels8, LossConfig(variation_reference_batch=8))["variation"] \
+        == pytest.approx(p8["variation"], rel=1e-6)

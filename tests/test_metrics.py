@@ -209,6 +209,61 @@ def test_road_impute_noise_only_on_imputed_pixels():
     assert abs(diff[r].mean()) < 0.003
 
 
+def _road_test_maps(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Returns float32 maps (4, H, W): distinct values, coarse ties, a CAM-like map with a flat
+    zero region (min-max normalised, as evaluate hands them over), and a tiny-valued map."""
+    distinct = rng.random((h, w))
+    ties = np.round(rng.random((h, w)) * 5) / 5
+    yy, xx = np.mgrid[:h, :w]
+    cam = np.maximum(np.cos(yy / 3.0) * np.sin(xx / 4.0), 0.0)
+    cam = (cam - cam.min()) / (cam.max() - cam.min())
+    tiny = rng.random((h, w)) * 1e-6
+    return np.stack([distinct, ties, cam, tiny]).astype(np.float32)
+
+
+def test_road_levels_select_the_pixels_pytorch_grad_cam_selects():
+    torch = pytest.importorskip("torch")
+    road_ref = pytest.importorskip("pytorch_grad_cam.metrics.perturbation_confidence")
+    rng = np.random.default_rng(11)
+    for h, w in ((8, 8), (9, 14), (16, 16)):
+        maps = _road_test_maps(h, w, rng)
+        for fraction in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9):
+            percentile = round(100 * (1 - fraction))
+            for order, remover in (("morf", road_ref.RemoveMostRelevantFirst),
+                                   ("lerf", road_ref.RemoveLeastRelevantFirst)):
+                ours = np.asarray(metrics.road_removal_mask(jnp.asarray(maps), fraction, order))
+                for b in range(len(maps)):
+                    kept = remover(percentile, lambda img, mask: mask)(
+                        torch.zeros(3, h, w), torch.from_numpy(maps[b])).numpy()
+                    np.testing.assert_array_equal(ours[b], kept == 0,
+                                                  err_msg=f"{order} {fraction} map {b} {h}x{w}")
+    # With distinct values the level removes N - ceil((N - 1)(1 - f)) pixels: 64 px at 30%, 19.
+    m = jnp.asarray(rng.random((1, 8, 8)).astype(np.float32))
+    assert int(metrics.road_removal_mask(m, 0.3).sum()) == 19
+    assert int(metrics.road_removal_mask(m, 0.3, selection="ceil").sum()) == 20  # the old rule
+    with pytest.raises(ValueError, match="selection"):
+        metrics.road_removal_mask(m, 0.3, selection="floor")
+
+
+@pytest.mark.parametrize("shape", [(10, 10), (9, 14)])
+def test_road_impute_equals_pytorch_grad_cam_noisy_linear_imputer(shape):
+    torch = pytest.importorskip("torch")
+    road_ref = pytest.importorskip("pytorch_grad_cam.metrics.road")
+    h, w = shape
+    rng = np.random.default_rng(h * w + 1)
+    x = rng.normal(size=(4, h, w, 3)).astype(np.float32)  # a normalised input (NHWC)
+    maps = _road_test_maps(h, w, rng)
+    imputer = road_ref.NoisyLinearImputer(noise=0.0)
+    for fraction, order in ((0.1, "morf"), (0.5, "lerf"), (0.9, "morf")):
+        removed = np.asarray(metrics.road_removal_mask(jnp.asarray(maps), fraction, order))
+        ours = np.asarray(metrics.road_impute(jnp.asarray(x), jnp.asarray(removed),
+                                              jax.random.PRNGKey(0), noise_std=0.0))
+        for b in range(4):
+            ref = imputer(torch.from_numpy(x[b]).permute(2, 0, 1).contiguous(),
+                          torch.from_numpy((~removed[b]).astype(np.float32)))
+            np.testing.assert_allclose(ours[b], ref.permute(1, 2, 0).numpy(), atol=1e-4, rtol=0)
+
+
 def _brightness_classify(x: jax.Array) -> jax.Array:
     """Class 1 iff the image mean exceeds 0.25 (sharp logits)."""
     m = x.mean(axis=(1, 2, 3))
@@ -256,77 +311,146 @@ def test_gaussian_blur_matches_scipy():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_rise_kernel_is_risess_gkern_and_rise_blur_pads_with_zeros():
+    # RISE's gkern(11, 5): gaussian_filter of an 11x11 delta (scipy defaults: reflect, 4 sigma).
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1.0
+    gkern = scipy_ndimage.gaussian_filter(delta, 5)
+    k = metrics.rise_kernel()
+    np.testing.assert_allclose(np.outer(k, k), gkern, atol=1e-7)
+    assert abs(gkern.sum() - 1) < 1e-9 and gkern[5, 0] > 0.5 * gkern[5, 5]  # a flat kernel
+    # conv2d(x, gkern, padding=5) per channel, by a direct 2-D convolution with zero padding.
+    x = np.random.default_rng(8).normal(size=(2, 13, 17, 3)).astype(np.float32)
+    ref = np.stack([np.stack([scipy_ndimage.convolve(x[b, :, :, c], gkern, mode="constant")
+                              for c in range(3)], -1) for b in range(2)])
+    np.testing.assert_allclose(np.asarray(metrics.rise_blur(jnp.asarray(x))), ref, atol=1e-5)
+
+
 def test_deletion_auc_closed_form():
     # 4x4 image, pixel values k/16 for k = 1..16 in a shuffled layout, map = image:
-    # deletion removes the brightest first, one pixel per step (num_steps = 16).
+    # deletion removes the brightest first, one pixel per step (step = 1, 16 steps).
     perm = np.random.default_rng(6).permutation(16) + 1
     img = (perm / 16.0).reshape(1, 4, 4, 1).repeat(3, axis=3).astype(np.float32)
     maps = jnp.asarray(img[..., 0])
     # After removing the t brightest, the sum left is Σ_{k<=16-t} k/16 = (16-t)(17-t)/32.
     q = np.asarray([(16 - t) * (17 - t) / 32 / 16 for t in range(17)])
-    expected = np.sum(0.5 * (q[1:] + q[:-1])) / 16
+    expected = (q.sum() - q[0] / 2 - q[-1] / 2) / 16
     for chunk in (8, 5):
         out = metrics.insertion_deletion(_mean_prob_classify, jnp.asarray(img), maps,
-                                         jnp.asarray([1]), num_steps=16, blur_sigma=1.0,
-                                         chunk=chunk)
+                                         jnp.asarray([1]), step=1, substrate="gaussian",
+                                         blur_sigma=1.0, chunk=chunk)
         np.testing.assert_allclose(np.asarray(out["deletion"]), [expected], rtol=1e-5)
     # The reverse order (least relevant first) gives a larger deletion AUC.
     rev = metrics.insertion_deletion(_mean_prob_classify, jnp.asarray(img), -maps,
-                                     jnp.asarray([1]), num_steps=16, blur_sigma=1.0)
+                                     jnp.asarray([1]), step=1, substrate="gaussian",
+                                     blur_sigma=1.0)
     assert float(rev["deletion"][0]) > expected + 0.1
 
 
-def test_insertion_deletion_match_numpy_reference_under_jit():
-    # 6x10 = 60 pixels, 7 steps: uneven step sizes floor(t*60/7), chunk 3 (padded last chunk).
+def _rise_causal_metric(classify_np, img, sal, c, step, mode):
+    """NumPy transcription of RISE's CausalMetric.single_run (evaluation.py) for one image.
+
+    img (H, W, 3) is the normalised tensor; 'del' goes to zeros, 'ins' starts from
+    conv2d(img, gkern(11, 5), padding=5); returns its score curve and RISE's auc.
+    """
+    h, w, _ = img.shape
+    hw = h * w
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1.0
+    kern = scipy_ndimage.gaussian_filter(delta, 5)
+    blur = np.stack([scipy_ndimage.convolve(img[..., ch], kern, mode="constant")
+                     for ch in range(3)], -1)
+    n_steps = (hw + step - 1) // step
+    start, finish = (img.copy(), np.zeros_like(img)) if mode == "del" else (blur, img.copy())
+    start, finish = start.reshape(hw, 3), finish.reshape(hw, 3)
+    order = np.argsort(-sal.reshape(hw), kind="stable")  # decreasing saliency
+    scores = np.empty(n_steps + 1)
+    for i in range(n_steps + 1):
+        scores[i] = classify_np(start.reshape(h, w, 3))[c]
+        if i < n_steps:
+            coords = order[step * i : step * (i + 1)]
+            start[coords] = finish[coords]
+    return scores, (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+
+
+def test_insertion_deletion_match_a_numpy_transcription_of_rise_under_jit():
+    # 10x12 = 120 pixels, 7 per step: 18 steps, the last one of 1 pixel; 19 points.
     rng = np.random.default_rng(7)
-    x = rng.random((2, 6, 10, 3)).astype(np.float32)
-    maps = rng.random((2, 6, 10)).astype(np.float32)
-    maps[1, :, :5] = 0.5  # ties resolved by flat index
+    x = rng.normal(size=(2, 10, 12, 3)).astype(np.float32)  # a normalised input
+    maps = rng.random((2, 10, 12)).astype(np.float32)
+    wts = np.asarray([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0], [1.0, 1.0, 1.0]])
+
+    def classify_np(im):  # softmax of fixed linear functions of the channel means
+        z = im.mean(axis=(0, 1)) @ wts.T
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
     fn = jax.jit(lambda a, m, c: metrics.insertion_deletion(
-        _mean_prob_classify, a, m, c, num_steps=7, blur_sigma=1.5, chunk=3))
-    out = fn(jnp.asarray(x), jnp.asarray(maps), jnp.asarray([1, 1]))
-    blurred = scipy_ndimage.gaussian_filter(x, sigma=(0, 1.5, 1.5, 0), mode="reflect",
-                                            truncate=3.0)
+        _linear_classify, a, m, c, step=7, chunk=4))
+    classes = np.asarray([0, 2])
+    out = fn(jnp.asarray(x), jnp.asarray(maps), jnp.asarray(classes))
     for b in range(2):
-        order = np.argsort(-maps[b].ravel(), kind="stable")
-        counts = [t * 60 // 7 for t in range(8)]
-        frac = np.asarray(counts) / 60
-        ins, dele = [], []
-        for n in counts:
-            first = np.zeros(60, bool)
-            first[order[:n]] = True
-            first = first.reshape(6, 10, 1)
-            dele.append(np.where(first, 0.0, x[b]).mean())
-            ins.append(np.where(first, x[b], blurred[b]).mean())
-        for name, p in [("insertion", ins), ("deletion", dele)]:
-            p = np.asarray(p)
-            auc = np.sum(0.5 * (p[1:] + p[:-1]) * np.diff(frac))
+        for name, mode in (("insertion", "ins"), ("deletion", "del")):
+            scores, auc = _rise_causal_metric(classify_np, x[b], maps[b], classes[b], 7, mode)
+            assert scores.shape == (19,)
             np.testing.assert_allclose(float(out[name][b]), auc, rtol=1e-5, atol=1e-6)
+    # 224 pixels per step at 224 x 224 is RISE's setting: 224 steps, 225 points.
+    with pytest.raises(ValueError, match="step"):
+        metrics.insertion_deletion(_linear_classify, jnp.asarray(x), jnp.asarray(maps),
+                                   jnp.asarray(classes), step=0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Localisation
 
 
-def test_pointing_game_tolerance_boundary():
-    maps = np.zeros((5, 64, 64), np.float32)
-    maps[:, 40, 10] = 1.0  # argmax at row 40, column 10
-    boxes = jnp.asarray([
-        [0, 25, 25, 50],   # rows up to 25+15 = 40, columns from 25-15 = 10: exactly on the edge
-        [0, 25, 24, 50],   # rows up to 39: miss
-        [0, 26, 25, 50],   # columns from 11: miss
-        [55, 0, 63, 20],   # rows from 40: hit
-        [30, 5, 45, 15],   # contains the point
-    ])  # fmt: skip
-    hits = metrics.pointing_game(jnp.asarray(maps), boxes, tolerance=15)
-    np.testing.assert_array_equal(np.asarray(hits), [True, False, False, True, True])
-    strict = metrics.pointing_game(jnp.asarray(maps), boxes, tolerance=0)
-    np.testing.assert_array_equal(np.asarray(strict), [False, False, False, False, True])
-    # Several boxes per image: any hit counts; an empty (padding) box never hits.
-    multi = jnp.asarray([[[0, 25, 24, 50], [40, 10, 40, 10]], [[0, 25, 24, 50], [1, 1, 0, 0]]])
-    np.testing.assert_array_equal(
-        np.asarray(metrics.pointing_game(jnp.asarray(maps[:2]), multi, tolerance=15)),
-        [True, False])
+def _point_maps(points, size=64):
+    maps = np.zeros((len(points), size, size), np.float32)
+    for i, (y, x) in enumerate(points):
+        maps[i, y, x] = 1.0
+    return jnp.asarray(maps)
+
+
+def test_pointing_game_is_a_euclidean_disk_around_the_box():
+    # synthetic_shapes stores exclusive max edges: box (10, 20, 30, 40) covers rows 10..29 and
+    # columns 20..39; its bottom-right pixel is (29, 39).
+    box = [10, 20, 30, 40]
+    cases = {  # point: hit with the 15 px tolerance?
+        (29 + 15, 30): True, (29 + 16, 30): False,  # straight down: 15 px in, 16 px out
+        (15, 20 - 15): True, (15, 20 - 16): False,  # left
+        (29 + 9, 39 + 12): True,  # diagonal from the corner, distance 15
+        (29 + 10, 39 + 12): False,  # distance 15.6: in the square, outside the disk
+        (29 + 15, 39 + 15): False,  # 21.2 px diagonally from the corner
+        (10 - 15, 39): True, (10 - 11, 39 + 11): False,  # 15.6 px up-right
+    }
+    points = [p for p in cases if 0 <= p[0] < 64 and 0 <= p[1] < 64]
+    hits = metrics.pointing_game(_point_maps(points), jnp.asarray([box] * len(points)))
+    np.testing.assert_array_equal(np.asarray(hits), [cases[p] for p in points])
+
+
+def test_pointing_game_box_edges_without_tolerance():
+    box = [10, 20, 30, 40]  # rows 10..29, columns 20..39 (exclusive max edges)
+    inside = [(10, 25), (29, 25), (15, 20), (15, 39), (10, 20), (29, 39)]  # on each edge
+    outside = [(30, 25), (15, 40), (9, 25), (15, 19), (30, 40)]  # the next row/column out
+    maps = _point_maps(inside + outside)
+    boxes = jnp.asarray([box] * len(inside + outside))
+    hits = metrics.pointing_game(maps, boxes, tolerance=0)
+    np.testing.assert_array_equal(np.asarray(hits), [True] * 6 + [False] * 5)
+    # Boxes given as inclusive pixel indices: row 30 and column 40 are inside.
+    inclusive = metrics.pointing_game(maps, boxes, tolerance=0, max_edge="inclusive")
+    np.testing.assert_array_equal(np.asarray(inclusive), [True] * 6 + [True, True] + [False] * 2
+                                  + [True])
+    with pytest.raises(ValueError, match="max_edge"):
+        metrics.pointing_game(maps, boxes, max_edge="open")
+    # The box masks agree: the exclusive box has 20 x 20 pixels.
+    np.testing.assert_array_equal(np.asarray(metrics.box_masks(boxes[:1], 64, 64)).sum(), 400)
+
+
+def test_pointing_game_several_boxes_and_padding():
+    maps = _point_maps([(40, 10), (40, 10)])
+    multi = jnp.asarray([[[0, 26, 20, 50], [40, 10, 41, 11]],  # the second box holds the point
+                         [[0, 26, 20, 50], [1, 1, 0, 0]]])  # far box, and an empty padding box
+    np.testing.assert_array_equal(np.asarray(metrics.pointing_game(maps, multi)), [True, False])
 
 
 def test_energy_in_box_hand_case():
@@ -334,7 +458,7 @@ def test_energy_in_box_hand_case():
                       [3.0, -5.0, 4.0],
                       [0.0, 0.0, 10.0]],
                      [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # fmt: skip
-    boxes = jnp.asarray([[0, 0, 1, 1], [0, 0, 2, 2]])  # inclusive: top-left 2x2
+    boxes = jnp.asarray([[0, 0, 2, 2], [0, 0, 3, 3]])  # exclusive max edges: top-left 2x2
     e = np.asarray(metrics.energy_in_box(m, boxes))
     # Positive mass 20; inside the box 1 + 2 + 3 (the -5 is clipped) = 6.
     np.testing.assert_allclose(e, [0.3, 0.0], rtol=1e-6)

@@ -47,8 +47,10 @@ def test_compiled_programs_take_the_weights_as_arguments():
     config = default_config()
     programs = {
         "explain": jax.jit(Model.explain).lower(model, av, x),
-        "evaluate tame maps": evaluation.map_fn("tame", config).lower(model, av, x, key),
-        "evaluate gradcam maps": evaluation.map_fn("gradcam", config).lower(model, av, x, key),
+        "evaluate tame maps": evaluation.map_fn("tame", config).lower(model, av, x, classes,
+                                                                      key),
+        "evaluate gradcam maps": evaluation.map_fn("gradcam", config).lower(model, av, x,
+                                                                            classes, key),
         "evaluate metrics": evaluation.batch_metrics(config, False).lower(
             model, x, maps, classes, key, None),
     }

@@ -195,7 +195,8 @@ def test_gpu_node_dry_run_prints_the_exact_command():
     assert shlex.split(r.stdout) == [
         "env", "CUDA_VISIBLE_DEVICES=0,1", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "python", "-m",
         "tame_jax.train", "--config=configs/resnet50.py", "--workdir=runs/my run",
-        "--config.distributed.num_processes=1", "--config.batch_size=64"]
+        "--config.distributed.num_processes=1", "--config.loss.variation_reference_batch=32",
+        "--config.batch_size=64"]
     r = _launch("gpu_node.sh", "--config", "c.py", "--workdir", "w", "--dry-run",
                 CUDA_VISIBLE_DEVICES="3", PYTHON="/opt/py/bin/python")
     assert shlex.split(r.stdout)[:4] == ["env", "CUDA_VISIBLE_DEVICES=3",
@@ -209,7 +210,7 @@ def test_slurm_dry_run_prints_the_exact_srun_command():
     assert shlex.split(r.stdout) == [
         "srun", "--kill-on-bad-exit=1", "python", "-m", "tame_jax.train",
         "--config=configs/resnet50.py", "--workdir=/shared/r 1",
-        "--config.model.layers=('layer3','layer4')"]
+        "--config.loss.variation_reference_batch=32", "--config.model.layers=('layer3','layer4')"]
     text = open(os.path.join(LAUNCH, "slurm_gpu.sbatch")).read()
     assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --signal=TERM@" in text
 
@@ -225,4 +226,5 @@ def test_tpu_pod_dry_run_runs_the_same_command_on_all_workers():
     assert argv[9].startswith("--command=cd ~/tame_jax && ") and len(argv) == 10
     remote = shlex.split(argv[9][len("--command=cd ~/tame_jax && "):])
     assert remote == ["python3", "-m", "tame_jax.train", "--config=configs/resnet50.py",
-                      "--workdir=/mnt/nfs/it's", "--config.batch_size=1024"]
+                      "--workdir=/mnt/nfs/it's", "--config.loss.variation_reference_batch=32",
+                      "--config.batch_size=1024"]

@@ -91,3 +91,85 @@ def test_lr_finder_writes_csv_and_png(tiny_config, tmp_path):
     assert rows[0] == "step,learning_rate,loss,smoothed_loss"
     assert len(rows) == len(result["lr"]) + 1
     assert os.path.getsize(os.path.join(out, "lr_finder.png")) > 1000
+
+
+def _events(workdir: str) -> list[tuple[str, int, object]]:
+    """Returns (tag, step, value proto) of every TensorBoard event file in workdir."""
+    import tensorflow as tf
+
+    out = []
+    for name in sorted(os.listdir(workdir)):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+                out += [(v.tag, int(event.step), v) for v in event.summary.value]
+    return out
+
+
+def _event_tags(workdir: str) -> dict[str, list[int]]:
+    """Returns {tag: [steps]} of every TensorBoard event file in workdir."""
+    tags: dict[str, list[int]] = {}
+    for tag, step, _ in _events(workdir):
+        tags.setdefault(tag, []).append(step)
+    return tags
+
+
+def _event_values(workdir: str) -> dict[str, list[float]]:
+    """Returns {tag: [scalar values]} of the scalar summaries in workdir."""
+    import tensorflow as tf
+
+    values: dict[str, list[float]] = {}
+    for tag, _, v in _events(workdir):
+        if v.HasField("tensor") and not v.tensor.string_val:
+            values.setdefault(tag, []).append(float(tf.make_ndarray(v.tensor)))
+    return values
+
+
+def test_tensorboard_shows_explanations_and_progress(tiny_config, tmp_path):
+    config = tiny_config(image_every=2, image_grid=3, image_eval_examples=10,
+                         **{"eval.batch_size": 8})
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    tags = _event_tags(workdir)
+    assert tags["explanations"] == [2, 4]  # the grid image, every image_every steps
+    assert tags["heldout/ad_100"] == [2, 4] and tags["heldout/ic_100"] == [2, 4]
+    assert "steps_per_sec" in tags  # clu's ReportProgress
+    assert tags["loss"] == [2, 4]
+
+
+def test_explanation_monitor_compiles_once_and_computes_ad_ic(tiny_config, tmp_path):
+    from tame_jax import data, metrics
+
+    config = tiny_config(image_grid=3, image_eval_examples=10, **{"eval.batch_size": 8})
+    model = build_model(config)
+    av = model.init_attention(jax.random.key(0))
+
+    class Writer:
+        def __init__(self):
+            self.images, self.scalars = {}, {}
+
+        def write_images(self, step, images):
+            self.images[step] = images
+
+        def write_scalars(self, step, scalars):
+            self.scalars[step] = scalars
+
+    monitor = train.ExplanationMonitor(config, model)
+    writer = Writer()
+    sizes = []
+    for step in (1, 2, 3):
+        monitor(writer, step, av)
+        sizes.append((monitor._explain._cache_size(), monitor._ad_ic._cache_size()))
+    assert sizes[0] == sizes[1] == sizes[2]  # compiled at the first call only
+    grid = writer.images[2]["explanations"]
+    assert grid.shape == (1, 2 * 64, 3 * 64, 3) and grid.dtype == np.uint8
+    # AD/IC(100%) over exactly the first 10 held-out images, computed directly
+    batch = next(data.eval_iterator(config, global_batch_size=16, process_index=0,
+                                    process_count=1))
+    x = batch["image"][batch["valid"]][:10]
+    maps, classes, _ = model.explain(av, x)
+    terms = metrics.ad_ic(model.classify, x, maps, classes, (1.0,))
+    np.testing.assert_allclose(writer.scalars[2]["heldout/ad_100"],
+                               100 * float(np.mean(terms["ad_100"])), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(writer.scalars[2]["heldout/ic_100"],
+                               100 * float(np.mean(terms["ic_100"])), atol=1e-6)
+    np.testing.assert_array_equal(grid[0, :64, :64], np.round(x[0] * 255).astype(np.uint8))

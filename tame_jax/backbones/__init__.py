@@ -1,9 +1,10 @@
-"""Backbone registry: torchvision ResNets and VGGs as pure Flax modules (NHWC), and the
-`register_backbone` entry point for others (see `BackboneSpec` for the contract).
+"""Backbone registry: torchvision ResNets, VGGs and ViTs and EfficientNet-Lite0/1/2 as pure Flax
+modules (NHWC), and the `register_backbone` entry point for others (see `BackboneSpec`).
 
-Layer names are torchvision's (`layer4`, `features.30`, ...). Every returned feature map passes
-through a perturbation named `perturb_name(layer)` in the 'perturbations' collection, so
-gradients w.r.t. feature maps are `jax.grad` w.r.t. those (zero) variables.
+Layer names are those of the PyTorch state dicts (`layer4`, `features.30`, `_blocks.15`, ...).
+Every returned feature map passes through a perturbation named `perturb_name(layer)` in the
+'perturbations' collection, so gradients w.r.t. feature maps are `jax.grad` w.r.t. those (zero)
+variables.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tame_jax.backbones import resnet, vgg  # noqa: F401  (each registers its backbones)
+from tame_jax.backbones import efficientnet, resnet, vgg, vit  # noqa: F401  (each registers)
 from tame_jax.backbones.common import (
     BACKBONES,
     BackboneSpec,
@@ -52,7 +53,7 @@ def build_backbone(
 
     layers=None means the spec's default (TAME) layers. kwargs go to the module: `width`
     (ResNet base width, torchvision 64), `bn_axis_name` (sync BatchNorm in train mode),
-    `dropout_rate` (VGG, 0.5).
+    `dropout_rate` (VGG, 0.5), `patch_size`/`num_layers`/`num_heads`/`hidden_dim`/`mlp_dim` (ViT).
     """
     spec = get_spec(name)
     layers = spec.default_layers if layers is None else check_layers(name, layers,

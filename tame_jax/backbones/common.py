@@ -56,8 +56,8 @@ def check_layers(arch: str, layers: Sequence[str], valid: Sequence[str]) -> tupl
     bad = [name for name in layers if name not in valid]
     if bad:
         raise ValueError(
-            f"Unknown layer name(s) {bad} for backbone {arch!r}. Valid names (torchvision "
-            f"module names): {', '.join(valid)}"
+            f"Unknown layer name(s) {bad} for backbone {arch!r}. Valid names (the module "
+            f"names of its PyTorch state dict): {', '.join(valid)}"
         )
     return tuple(dict.fromkeys(layers))
 
@@ -159,6 +159,13 @@ class BackboneSpec:
     convert: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]  # (state, tmpl)
     mean: tuple[float, ...] = IMAGENET_MEAN  # input normalisation: (x - mean) / std, x in [0, 1]
     std: tuple[float, ...] = IMAGENET_STD
+    # variables -> state dict in the naming `convert` reads; None: torchvision's generic naming
+    export: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # () -> path of weights an installed package ships (no network); used when
+    # config.model.backbone_weights is "" or "packaged". Raises ImportError naming the pip
+    # command when that package is missing.
+    default_weights: Callable[[], str] | None = None
+    image_size: int = 224  # the input size its weights were trained at
 
 
 BACKBONES: dict[str, BackboneSpec] = {}

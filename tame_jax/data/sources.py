@@ -61,7 +61,8 @@ def folder_classes(config) -> list[str]:
 
 
 def read_list_file(config, split: str) -> tuple[list, list]:
-    """Returns (paths, labels) from the `relative/path label` lines of the split's list file."""
+    """Returns (paths, labels) from the split's list file: `relative/path label` lines, or
+    `relative/path` lines without labels (then every label is -1); not a mix of the two."""
     list_file = config.data.get(f"{split}_list_file") or config.data.get("list_file")
     if not list_file or not os.path.isfile(list_file):
         raise FileNotFoundError(
@@ -69,17 +70,25 @@ def read_list_file(config, split: str) -> tuple[list, list]:
             f"config.data.{split}_list_file) to a file of `relative/path label` lines."
         )
     root = config.data.get("root") or ""
-    paths, labels = [], []
+    paths, labels, unlabelled = [], [], []
     with open(list_file) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{list_file}:{n}: expected `relative/path label`, got {line!r}")
-            paths.append(os.path.join(root, parts[0]))
-            labels.append(int(parts[1]))
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                paths.append(os.path.join(root, parts[0]))
+                labels.append(int(parts[1]))
+            else:  # a path without a label
+                paths.append(os.path.join(root, line))
+                labels.append(-1)
+                unlabelled.append(n)
+    if unlabelled and len(unlabelled) < len(paths):
+        raise ValueError(
+            f"{list_file}:{unlabelled[0]}: expected `relative/path label` like the other lines, "
+            f"got {len(unlabelled)} line(s) without a label (first: line {unlabelled[0]}); give "
+            "every line a label, or none")
     return paths, labels
 
 

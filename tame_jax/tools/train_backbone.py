@@ -1,13 +1,15 @@
-"""Train the demo backbone: a narrow ResNet-18 classifying synthetic_shapes.
+"""Train a demo backbone: any registered backbone classifying synthetic_shapes.
 
     python -m tame_jax.tools.train_backbone --data_dir=~/tensorflow_datasets \
         --out=tame_jax/assets/demo_resnet18_w16.safetensors
+    python -m tame_jax.tools.train_backbone --backbone=vit_mini_16 --epochs=... \
+        --out=tame_jax/assets/demo_vit_mini_16.safetensors
 
-Trains `resnet18` at base width 16 (10 classes, 128x128) with AdamW, a warm-up + cosine
-learning rate and random flips, then reports the test accuracy and saves the
-weights as a torchvision-layout state dict (safetensors), next to a JSON file recording the
-command, seed and accuracy. The weights committed in tame_jax/assets/ came from this command
-with its defaults.
+Trains the backbone (default `resnet18` at base width 16; `--width` applies to ResNets only) on
+10 classes at 128x128 with AdamW, a warm-up + cosine learning rate and random flips, then
+reports the test accuracy and saves the weights as a state dict in the backbone's own naming
+(torchvision's; safetensors), next to a JSON file recording the command, seed and accuracy. The
+weights committed in tame_jax/assets/ came from the commands in their JSON files.
 """
 
 from __future__ import annotations
@@ -44,22 +46,29 @@ def demo_data_config(data_dir: str, synthetic_config: str = "default"):
     return c
 
 
+def module_kwargs(backbone: str, width: int) -> dict:
+    """Returns the module arguments of the demo backbone: ResNets take the base width."""
+    return {"width": width} if backbone.startswith("resnet") else {}
+
+
 def train(data_dir: str, out: str, *, epochs: int = 12, batch_size: int = 64, lr: float = 3e-3,
-          seed: int = 0, synthetic_config: str = "default") -> float:
+          seed: int = 0, synthetic_config: str = "default", backbone: str = DEMO_BACKBONE,
+          width: int = DEMO_WIDTH, weight_decay: float = 1e-4) -> float:
     """Returns the test accuracy of the trained demo backbone; writes out and out.json."""
     from tame_jax import data
 
     config = demo_data_config(data_dir, synthetic_config)
     data.prepare_synthetic_shapes(config.data.data_dir, config_name=synthetic_config)
-    module = backbones.build_backbone(DEMO_BACKBONE, num_classes=10, layers=("layer4",),
-                                      width=DEMO_WIDTH)
+    spec = backbones.get_spec(backbone)
+    kwargs = module_kwargs(backbone, width)
+    module = backbones.build_backbone(backbone, num_classes=10, layers=(spec.cam_layer,),
+                                      **kwargs)
     variables = backbones.init_backbone(module, jax.random.key(seed), 128)
-    spec = backbones.get_spec(DEMO_BACKBONE)
     norm = (spec.mean, spec.std)
     steps_per_epoch = data.steps_per_epoch(config, batch_size)
     total = epochs * steps_per_epoch
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, total // 20), total)
-    tx = optax.adamw(schedule, weight_decay=1e-4)
+    tx = optax.adamw(schedule, weight_decay=weight_decay)
     params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = tx.init(params)
 
@@ -70,7 +79,7 @@ def train(data_dir: str, out: str, *, epochs: int = 12, batch_size: int = 64, lr
                                             normalize(images, *norm), train=True,
                                             mutable=["batch_stats"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (upd["batch_stats"], (jnp.argmax(logits, -1) == labels).mean())
+            return loss, (upd.get("batch_stats", {}), (jnp.argmax(logits, -1) == labels).mean())
 
         (loss, (bs, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -102,13 +111,15 @@ def train(data_dir: str, out: str, *, epochs: int = 12, batch_size: int = 64, lr
         count += int(valid.sum())
     accuracy = correct / count
     print(f"test accuracy {accuracy:.4f} on {count} images", flush=True)
-    state_dict = weights.flax_to_torchvision({"params": params, "batch_stats": batch_stats})
+    export = spec.export or weights.flax_to_torchvision
+    state_dict = export({"params": params, "batch_stats": batch_stats})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()}, out)
-    record = {"backbone": DEMO_BACKBONE, "width": DEMO_WIDTH, "num_classes": 10,
+    record = {"backbone": backbone, **kwargs, "num_classes": 10,
               "image_size": 128, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "weight_decay": weight_decay,
               "seed": seed, "synthetic_config": synthetic_config,
               "test_accuracy": accuracy, "test_images": count,
               "train_seconds": round(time.perf_counter() - start, 1),
@@ -124,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="~/tensorflow_datasets")
+    p.add_argument("--backbone", default=DEMO_BACKBONE, help="a registered backbone")
+    p.add_argument("--width", type=int, default=DEMO_WIDTH, help="ResNet base width")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--out", default="tame_jax/assets/demo_resnet18_w16.safetensors")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch_size", type=int, default=64)
@@ -133,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min_accuracy", type=float, default=0.95)
     args = p.parse_args(argv)
     acc = train(args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                lr=args.lr, seed=args.seed, synthetic_config=args.synthetic_config)
+                lr=args.lr, seed=args.seed, synthetic_config=args.synthetic_config,
+                backbone=args.backbone, width=args.width, weight_decay=args.weight_decay)
     if acc < args.min_accuracy:
         print(f"test accuracy {acc:.4f} is below --min_accuracy={args.min_accuracy}",
               file=sys.stderr)
