@@ -8,6 +8,13 @@ command, the demo and the tables pick it up by name.
   [0, 1] at image resolution (higher = more relevant), reading its options from the config.
 - A `Metric` turns a `MetricInputs` batch into per-image values {column: (B,)}; its columns
   come from the config, and it says whether they are percentages and how to print them.
+
+Given a mesh, the predictions, the maps and the metrics run per device (`jax.shard_map` over
+the `batch` axis): each device computes its own images only, and nothing gathers the image
+batch, so more devices means proportionally more images per second. Per-image randomness
+(ROAD's noise) is drawn from the image's index in the global batch, and randomness shared by
+the batch (RISE's masks) from the replicated key, so the results do not depend on the number
+of devices.
 """
 
 from __future__ import annotations
@@ -22,12 +29,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tame_jax import backbones, cams, checkpoints, cli, metrics, report
 from tame_jax.image_ops import minmax_normalize
 from tame_jax.model import Model
-from tame_jax.sharding import check_global_batch, local_rows, make_mesh, replicate, shard_batch
+from tame_jax.sharding import (
+    BATCH_AXIS,
+    check_global_batch,
+    local_rows,
+    make_mesh,
+    replicate,
+    shard_batch,
+)
 
 # ----------------------------------------------------------------------------- methods
 
@@ -115,6 +130,7 @@ class MetricInputs:
     boxes: jax.Array | None = None  # (B, 4) (ymin, xmin, ymax, xmax), where the data has them
     labels: jax.Array | None = None  # (B,) the data's labels (ground truth), -1 where unknown
     label_maps: jax.Array | None = None  # (B, H, W) maps of `labels`, for needs_label_maps
+    index: jax.Array | None = None  # (B,) each image's index in the global batch
 
     def classify(self, images: jax.Array) -> jax.Array:
         """Returns the logits (B, K) of images in [0, 1] (the frozen backbone)."""
@@ -203,7 +219,7 @@ def _road(inputs: MetricInputs, levels: tuple[tuple[str, float], ...], variant: 
     space, selection = ROAD_VARIANTS[variant]
     x, classify = _space(inputs, space)
     kept = metrics.road_levels(classify, x, inputs.maps, inputs.classes, inputs.key, levels,
-                               selection=selection)  # (B, L)
+                               selection=selection, index=inputs.index)  # (B, L)
     return {f"road_{order}_{_pct(f)}": kept[:, i].astype(jnp.float32)
             for i, (order, f) in enumerate(levels)}
 
@@ -324,11 +340,31 @@ def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(options.items()))
 
 
+REPLICATED, SPLIT = P(), P(BATCH_AXIS)
+
+
+def _per_device(fn: Callable[..., Any], mesh: Mesh | None, in_specs: tuple) -> Callable:
+    """Returns fn jitted; with a mesh, run per device on its slice of the batch (in_specs:
+    REPLICATED or SPLIT per positional argument; the outputs are SPLIT).
+
+    The bodies hold no collectives: each device is an independent program on its images.
+    check_vma=False keeps autodiff inside them per device (Grad-CAM's gradient w.r.t. a zero
+    perturbation built in the body would otherwise be summed over the devices, as the
+    transpose of a replicated value)."""
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=SPLIT,
+                                 check_vma=False))
+
+
 def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: jax.Array,
-                   key: jax.Array, boxes: jax.Array | None, labels: jax.Array | None = None,
-                   label_maps: jax.Array | None = None, *, plan: tuple
+                   key: jax.Array, boxes: jax.Array | None, labels: jax.Array | None,
+                   label_maps: jax.Array | None, *, plan: tuple, sharded: bool
                    ) -> dict[str, jax.Array]:
-    inputs = MetricInputs(model, images, maps, classes, key, boxes, labels, label_maps)
+    b = images.shape[0]  # per device, when sharded
+    offset = jax.lax.axis_index(BATCH_AXIS) * b if sharded else 0
+    inputs = MetricInputs(model, images, maps, classes, key, boxes, labels, label_maps,
+                          index=offset + jnp.arange(b))
     out = {}
     for name, options in plan:
         out.update(METRICS[name].fn(inputs, **dict(options)))
@@ -336,17 +372,26 @@ def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: ja
 
 
 @functools.cache
-def _jitted_metrics(plan: tuple) -> Callable[..., dict[str, jax.Array]]:
-    return jax.jit(functools.partial(_batch_metrics, plan=plan))
+def _jitted_metrics(plan: tuple, mesh: Mesh | None) -> Callable[..., dict[str, jax.Array]]:
+    body = functools.partial(_batch_metrics, plan=plan, sharded=mesh is not None)
+    run = _per_device(body, mesh, (REPLICATED, SPLIT, SPLIT, SPLIT, REPLICATED, SPLIT, SPLIT,
+                                   SPLIT))
+
+    def fn(model, images, maps, classes, key, boxes=None, labels=None, label_maps=None):
+        return run(model, images, maps, classes, key, boxes, labels, label_maps)
+
+    fn.lower = lambda *args: run.lower(*args, *(None,) * (8 - len(args)))
+    return fn
 
 
-def batch_metrics(config: Any, with_boxes: bool) -> Callable[..., dict[str, jax.Array]]:
+def batch_metrics(config: Any, with_boxes: bool, mesh: Mesh | None = None
+                  ) -> Callable[..., dict[str, jax.Array]]:
     """Returns jitted fn(model, images, maps, classes, key, boxes, labels=None, label_maps=None)
     -> {column: (B,)}: one program per architecture and settings, shared by every method
-    evaluated in the process."""
+    evaluated in the process. With a mesh, each device computes the metrics of its images."""
     plan = tuple((m.name, _frozen(m.options(config)))
                  for m in selected_metrics(config, with_boxes))
-    return _jitted_metrics(plan)
+    return _jitted_metrics(plan, mesh)
 
 
 def needs_label_maps(config: Any, with_boxes: bool) -> bool:
@@ -360,21 +405,28 @@ def _method_maps(model: Model, attention_vars: Any, images: jax.Array, classes: 
 
 
 @functools.cache
-def _jitted_maps(method: str, options: tuple) -> Callable[..., jax.Array]:
-    return jax.jit(functools.partial(_method_maps, method=method, options=options))
+def _jitted_maps(method: str, options: tuple, mesh: Mesh | None) -> Callable[..., jax.Array]:
+    return _per_device(functools.partial(_method_maps, method=method, options=options), mesh,
+                       (REPLICATED, REPLICATED, SPLIT, SPLIT, REPLICATED))
 
 
-def map_fn(method: str, config: Any) -> Callable[..., jax.Array]:
+def map_fn(method: str, config: Any, mesh: Mesh | None = None) -> Callable[..., jax.Array]:
     """Returns jitted fn(model, attention_vars, images, classes, key) -> maps (B, H, W) of
-    `classes` (B,), one program per method and settings."""
+    `classes` (B,), one program per method and settings. With a mesh, each device computes the
+    maps of its images (the batch must divide by the number of devices)."""
     m = get_method(method)
-    return _jitted_maps(m.name, _frozen(m.options(config)))
+    return _jitted_maps(m.name, _frozen(m.options(config)), mesh)
 
 
-@jax.jit
-def predict(model: Model, images: jax.Array) -> jax.Array:
-    """Returns the top-1 classes (B,) of images in [0, 1]: the classes evaluate explains."""
+def _predict(model: Model, images: jax.Array) -> jax.Array:
     return jnp.argmax(model.classify(images), axis=-1)
+
+
+@functools.cache
+def predict_fn(mesh: Mesh | None = None) -> Callable[..., jax.Array]:
+    """Returns jitted fn(model, images) -> the top-1 classes (B,) of images in [0, 1] (the
+    classes evaluate explains); with a mesh, per device."""
+    return _per_device(_predict, mesh, (REPLICATED, SPLIT))
 
 
 SUB_BATCH = 8  # slow methods recompute the maps of misclassified images this many at a time
@@ -415,16 +467,18 @@ def label_maps_of(maps_of: Callable[..., jax.Array], model: Model, attention_var
     not: for the whole batch again (fast methods; nothing for a batch without a mismatch), or,
     for slow methods, for the misclassified images only, SUB_BATCH at a time. Every process
     takes the same branches (the decisions are replicated values)."""
-    replicated = jax.sharding.NamedSharding(labels.sharding.mesh, P())
+    mesh = labels.sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, P())
     target, idx, count = jax.device_get(_label_targets(replicated)(labels, valid, classes))
     count = int(count)
     if count == 0:
         return maps
     if not slow:
         return maps_of(model, attention_vars, images, jnp.asarray(target), key)
-    for start in range(0, count, SUB_BATCH):
-        chunk = np.full(SUB_BATCH, -1, np.int32)
-        part = idx[start:min(start + SUB_BATCH, count)]
+    sub = -(-SUB_BATCH // mesh.size) * mesh.size  # divides over the devices
+    for start in range(0, count, sub):
+        chunk = np.full(sub, -1, np.int32)
+        part = idx[start:min(start + sub, count)]
         chunk[:len(part)] = part
         sub_images, sub_target = _take_rows(images, jnp.asarray(target), jnp.asarray(chunk))
         sub_maps = maps_of(model, attention_vars, sub_images, sub_target, key)
@@ -499,7 +553,8 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
                        global_batch)
     model = replicate(model, mesh)
     attention_vars = replicate(attention_vars, mesh) if attention_vars is not None else None
-    maps_of = map_fn(method, config)
+    maps_of = map_fn(method, config, mesh)
+    predict = predict_fn(mesh)
     key = jax.random.key(config.seed)
     progress = cli.progress_bar(num_batches, label, unit="batch")
     rows: dict[str, list[np.ndarray]] = {}
@@ -507,7 +562,7 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
         with_boxes = "bbox" in batch
         if i == 0:
             check_data(config, with_boxes, batch["label"][batch["valid"]])
-        metrics_of = batch_metrics(config, with_boxes)
+        metrics_of = batch_metrics(config, with_boxes, mesh)
         formats = column_formats(config, with_boxes)
         want_label_maps = needs_label_maps(config, with_boxes)
         names = ("image", "bbox", "label", "valid") if want_label_maps else ("image", "bbox")
