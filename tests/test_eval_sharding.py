@@ -93,3 +93,17 @@ def test_road_noise_follows_the_image_not_the_split():
     half = metrics.road_impute(x[2:], removed[2:], key, index=jnp.arange(2, 4))
     np.testing.assert_array_equal(np.asarray(whole[2:]), np.asarray(half))
     assert np.abs(np.asarray(whole[0] - whole[2])).max() > 1e-4  # images differ
+
+
+def test_eval_scaling_tool_reports_every_row():
+    """The throughput tool runs on 1 and 2 devices and its maps agree (no timing asserted)."""
+    from tame_jax.tools import eval_scaling
+
+    rows = eval_scaling.run(methods=("rise",), devices=(1, 2), width=8, image_size=32,
+                            batch=4, rise_masks=8, steps=1)
+    assert [(r["method"], r["devices"]) for r in rows] == [("rise", 1), ("rise", 2)]
+    for r in rows:
+        assert np.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+        assert r["max_abs_diff_vs_first"] < 1e-5
+    assert rows[0]["speedup"] == 1.0
+    assert "| rise | 2 | 4 |" in eval_scaling.format_table(rows)
