@@ -130,7 +130,7 @@ class MetricInputs:
     boxes: jax.Array | None = None  # (B, 4) (ymin, xmin, ymax, xmax), where the data has them
     labels: jax.Array | None = None  # (B,) the data's labels (ground truth), -1 where unknown
     label_maps: jax.Array | None = None  # (B, H, W) maps of `labels`, for needs_label_maps
-    index: jax.Array | None = None  # (B,) each image's index in the global batch
+    index: jax.Array | None = None  # (B,) each image's index in the eval split
 
     def classify(self, images: jax.Array) -> jax.Array:
         """Returns the logits (B, K) of images in [0, 1] (the frozen backbone)."""
@@ -359,12 +359,9 @@ def _per_device(fn: Callable[..., Any], mesh: Mesh | None, in_specs: tuple) -> C
 
 def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: jax.Array,
                    key: jax.Array, boxes: jax.Array | None, labels: jax.Array | None,
-                   label_maps: jax.Array | None, *, plan: tuple, sharded: bool
+                   label_maps: jax.Array | None, index: jax.Array, *, plan: tuple
                    ) -> dict[str, jax.Array]:
-    b = images.shape[0]  # per device, when sharded
-    offset = jax.lax.axis_index(BATCH_AXIS) * b if sharded else 0
-    inputs = MetricInputs(model, images, maps, classes, key, boxes, labels, label_maps,
-                          index=offset + jnp.arange(b))
+    inputs = MetricInputs(model, images, maps, classes, key, boxes, labels, label_maps, index)
     out = {}
     for name, options in plan:
         out.update(METRICS[name].fn(inputs, **dict(options)))
@@ -373,22 +370,27 @@ def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: ja
 
 @functools.cache
 def _jitted_metrics(plan: tuple, mesh: Mesh | None) -> Callable[..., dict[str, jax.Array]]:
-    body = functools.partial(_batch_metrics, plan=plan, sharded=mesh is not None)
-    run = _per_device(body, mesh, (REPLICATED, SPLIT, SPLIT, SPLIT, REPLICATED, SPLIT, SPLIT,
-                                   SPLIT))
+    run = _per_device(functools.partial(_batch_metrics, plan=plan), mesh,
+                      (REPLICATED, SPLIT, SPLIT, SPLIT, REPLICATED, SPLIT, SPLIT, SPLIT, SPLIT))
 
-    def fn(model, images, maps, classes, key, boxes=None, labels=None, label_maps=None):
-        return run(model, images, maps, classes, key, boxes, labels, label_maps)
+    def args(model, images, maps, classes, key, boxes=None, labels=None, label_maps=None,
+             index=None):
+        if index is None:  # the position in the batch
+            index = np.arange(images.shape[0], dtype=np.int32)
+        return model, images, maps, classes, key, boxes, labels, label_maps, index
 
-    fn.lower = lambda *args: run.lower(*args, *(None,) * (8 - len(args)))
+    fn = lambda *a, **kw: run(*args(*a, **kw))  # noqa: E731
+    fn.lower = lambda *a, **kw: run.lower(*args(*a, **kw))
     return fn
 
 
 def batch_metrics(config: Any, with_boxes: bool, mesh: Mesh | None = None
                   ) -> Callable[..., dict[str, jax.Array]]:
-    """Returns jitted fn(model, images, maps, classes, key, boxes, labels=None, label_maps=None)
-    -> {column: (B,)}: one program per architecture and settings, shared by every method
-    evaluated in the process. With a mesh, each device computes the metrics of its images."""
+    """Returns jitted fn(model, images, maps, classes, key, boxes, labels=None, label_maps=None,
+    index=None) -> {column: (B,)}: one program per architecture and settings, shared by every
+    method evaluated in the process. With a mesh, each device computes the metrics of its
+    images. index (B,): each image's index in the eval split (default: its position in the
+    batch); per-image randomness (ROAD's noise) is drawn from it."""
     plan = tuple((m.name, _frozen(m.options(config)))
                  for m in selected_metrics(config, with_boxes))
     return _jitted_metrics(plan, mesh)
@@ -516,13 +518,19 @@ def num_examples(config: Any, method: str) -> int:
 
 
 def _gather_rows(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Returns the per-image arrays of all processes, concatenated (one process: as given)."""
+    """Returns the per-image arrays of all processes, concatenated in process order (one
+    process: as given), bit for bit: the values travel as the uint32 words of their float64
+    form (JAX arrays without x64 would round them to float32)."""
     if jax.process_count() == 1:
         return local
     from jax.experimental import multihost_utils
 
-    return {k: np.asarray(multihost_utils.process_allgather(v)).reshape(-1)
-            for k, v in local.items()}
+    out = {}
+    for k, v in local.items():
+        words = np.ascontiguousarray(np.asarray(v, np.float64)).view(np.uint32)
+        gathered = np.asarray(multihost_utils.process_allgather(words), np.uint32)
+        out[k] = np.ascontiguousarray(gathered.reshape(-1)).view(np.float64).astype(v.dtype)
+    return out
 
 
 FirstBatch = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], None]
@@ -532,9 +540,9 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
                        label: str = "eval", on_first_batch: FirstBatch | None = None
                        ) -> dict[str, np.ndarray]:
     """Returns per-image values over the eval set: {column: (N,)} on the table's scale
-    (percent columns x 100), plus 'image' (the position in the evaluation order: with one
-    process, the index in the eval split), 'label' (the data's, -1 unknown) and 'class' (the
-    explained class), sorted by image.
+    (percent columns x 100), plus 'image' (the index in the eval split, whatever the number of
+    hosts and devices), 'label' (the data's, -1 unknown) and 'class' (the explained class),
+    sorted by image.
 
     on_first_batch(batch, maps, classes): called with this host's first batch and its maps
     (B, H, W) and classes (B,) as numpy (the demo draws its grid from them).
@@ -555,7 +563,10 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
     attention_vars = replicate(attention_vars, mesh) if attention_vars is not None else None
     maps_of = map_fn(method, config, mesh)
     predict = predict_fn(mesh)
-    key = jax.random.key(config.seed)
+    # One key for every batch: RISE's masks are the same for every image (as its authors
+    # use one set), ROAD's noise follows each image's index in the split, so an image's values
+    # do not depend on its batch, its device or the number of hosts.
+    k_map, k_metrics = jax.random.split(jax.random.key(config.seed))
     progress = cli.progress_bar(num_batches, label, unit="batch")
     rows: dict[str, list[np.ndarray]] = {}
     for i, batch in enumerate(batches):
@@ -565,9 +576,10 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
         metrics_of = batch_metrics(config, with_boxes, mesh)
         formats = column_formats(config, with_boxes)
         want_label_maps = needs_label_maps(config, with_boxes)
-        names = ("image", "bbox", "label", "valid") if want_label_maps else ("image", "bbox")
-        arrays = shard_batch({k: batch[k] for k in names if k in batch}, mesh)
-        k_map, k_metrics = jax.random.split(jax.random.fold_in(key, i))
+        names = ("image", "bbox", "index", "label", "valid") if want_label_maps else (
+            "image", "bbox", "index")
+        arrays = shard_batch({k: batch[k].astype(np.int32) if k == "index" else batch[k]
+                              for k in names if k in batch}, mesh)
         classes = predict(model, arrays["image"])
         maps = maps_of(model, attention_vars, arrays["image"], classes, k_map)
         label_maps = None
@@ -576,13 +588,12 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
                                        classes, maps, arrays["label"], arrays["valid"],
                                        slow=get_method(method).slow)
         out = metrics_of(model, arrays["image"], maps, classes, k_metrics, arrays.get("bbox"),
-                         arrays.get("label"), label_maps)
+                         arrays.get("label"), label_maps, arrays["index"])
         local = len(batch["valid"])
         if i == 0 and on_first_batch is not None:
             on_first_batch(batch, local_rows(maps).reshape(local, *maps.shape[1:]),
                            local_rows(classes)[:local].astype(np.int64))
-        first = i * global_batch + jax.process_index() * local  # this host's rows, in order
-        record = {"image": np.arange(first, first + local), "valid": batch["valid"],
+        record = {"image": np.asarray(batch["index"]), "valid": batch["valid"],
                   "label": np.asarray(batch["label"]), "class": local_rows(classes)[:local]}
         for k, v in out.items():
             record[k] = (100.0 if formats[k]["percent"] else 1.0) * local_rows(v)[:local]

@@ -141,6 +141,14 @@ def test_shards_are_disjoint_and_cover(folder):
     assert len(keys[0]) == 3 and len(keys[1]) == 2 and not keys[0] & keys[1]
     (whole,) = list(data.eval_iterator(cfg, global_batch_size=8, process_index=0, process_count=1))
     assert keys[0] | keys[1] == {whole["image"][j].tobytes() for j in range(5)}
+    # Each example carries its index in the split, whatever the number of hosts (-1: padding).
+    by_index = {int(i): whole["image"][j].tobytes() for j, i in enumerate(whole["index"][:5])}
+    assert sorted(by_index) == list(range(5)) and (whole["index"][5:] == -1).all()
+    for host in per_host:
+        for b in host:
+            assert (b["index"][~b["valid"]] == -1).all()
+            for j in np.flatnonzero(b["valid"]):
+                assert b["image"][j].tobytes() == by_index[int(b["index"][j])]
     # Train shards: one epoch's order on each host is a disjoint part of the examples.
     from tame_jax.data import sources
 

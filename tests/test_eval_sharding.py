@@ -35,7 +35,8 @@ def setup(tiny_config):
     ymin, xmin = rng.integers(0, 16, (2, BATCH))
     batch = {"image": rng.uniform(size=(BATCH, 32, 32, 3)).astype(np.float32),
              "bbox": np.stack([ymin, xmin, ymin + 12, xmin + 14], 1).astype(np.float32),
-             "label": rng.integers(0, 10, BATCH).astype(np.int32)}
+             "label": rng.integers(0, 10, BATCH).astype(np.int32),
+             "index": np.arange(100, 100 + BATCH, dtype=np.int32)}  # indices in a split
     return config, model, attention_vars, batch
 
 
@@ -52,7 +53,7 @@ def _evaluate(config, model, attention_vars, batch, method, devices):
     maps = maps_of(model, av, arrays["image"], classes, key)
     label_maps = maps_of(model, av, arrays["image"], arrays["label"], key)
     args = (model, arrays["image"], maps, classes, key, arrays["bbox"], arrays["label"],
-            label_maps)
+            label_maps, arrays["index"])
     out = metrics_of(*args)
     texts = [predict.lower(model, arrays["image"]).compile().as_text(),
              maps_of.lower(model, av, arrays["image"], classes, key).compile().as_text(),

@@ -123,6 +123,11 @@ class _FileSource:
             }
         )
 
+    def split_index(self, pi: int, pc: int, pos: np.ndarray) -> np.ndarray:
+        """Returns the indices in the split of host pi's examples at positions pos (in file
+        order): host pi holds every pc-th file from pi."""
+        return self._order(pi, pc, None)[np.asarray(pos, np.int64)]
+
     def describe(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
         """Returns the file at epoch position pos."""
         return os.fsdecode(self.paths[self._order(pi, pc, order_seed)[pos]])
@@ -212,6 +217,11 @@ class _TfdsSource:
         if order_seed is None:
             return np.arange(n)
         return np.random.default_rng(order_seed).permutation(n)
+
+    def split_index(self, pi: int, pc: int, pos: np.ndarray) -> np.ndarray:
+        """Returns the indices in the split of host pi's examples at positions pos (in record
+        order): the hosts hold consecutive blocks (`tfds.split_for_jax_process`)."""
+        return sum(self.num_examples(i, pc) for i in range(pi)) + np.asarray(pos, np.int64)
 
     def _indexed(self, pi: int, pc: int, order_seed: tuple | None, start: int, end: int):
         """Returns the examples at epoch positions [start, end), read by index: (raw, pos)."""
