@@ -199,12 +199,13 @@ def road_orders(
     noise_std: float = 0.01,
     num_iters: int = 100,
     selection: str = "percentile",
+    index: jax.Array | None = None,
 ) -> jax.Array:
     """Returns (len(orders), B, len(fractions)) bool: `road` for each order in one pass
     (`road_levels` of every (order, fraction), orders outermost)."""
     kept = road_levels(classify, x, maps, classes, key,
                        [(order, fr) for order in orders for fr in fractions], noise_std,
-                       num_iters, selection)  # (B, O*F)
+                       num_iters, selection, index)  # (B, O*F)
     return jnp.moveaxis(kept.reshape(-1, len(orders), len(fractions)), 0, 1)
 
 
