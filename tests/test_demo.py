@@ -42,6 +42,7 @@ def test_short_demo_writes_every_output(tmp_path):
     config.eval.num_examples = 8
     config.eval.num_examples_slow = 4  # RISE: the first 4 only
     config.eval.road_fractions = (0.5,)
+    config.eval.road_lerf_fractions = ()  # LeRF at the same 50% (the demo config sets 90%)
     config.eval.insertion_step = 1024
     config.eval.rise_masks = 16
     workdir = str(tmp_path / "demo")

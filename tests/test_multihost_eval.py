@@ -84,3 +84,24 @@ def test_process_zero_alone_prepared_the_empty_data_dir(runs):
     prepared = glob.glob(os.path.join(data_dir, "synthetic_shapes", "tiny", "*"))
     assert [os.path.basename(p) for p in prepared] == ["1.0.0"]  # one copy, nothing left over
     assert glob.glob(os.path.join(prepared[0], "*test.array_record*"))
+
+
+def test_lr_finder_joins_the_job_and_process_zero_writes(runs, trainer):
+    """lr_finder on 2 processes (the data prepared above): one mesh of 4 devices, one CSV."""
+    tmp, data_dir, _, _, _ = runs
+    workdir = str(tmp / "lr")
+    port = trainer.free_port()
+    procs, logs = [], []
+    for pid in range(2):
+        cmd = [sys.executable, "-m", "tame_jax.lr_finder", f"--config={trainer.config_file}",
+               f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *FLAGS[2:5],
+               "--num_steps=3", f"--config.distributed.coordinator_address=localhost:{port}",
+               "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
+        logs.append(str(tmp / f"lr_log_{pid}.txt"))
+        procs.append(trainer.start(cmd, trainer.env(devices=2), logs[-1]))
+    texts = [trainer.finish(p, log, TIMEOUT_S) for p, log in zip(procs, logs, strict=True)]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(t[-3000:] for t in texts)
+    for text in texts:
+        assert "LR range test on 4 devices of 2 processes, batch 8" in text
+    rows = open(os.path.join(workdir, "lr_finder.csv")).read().splitlines()
+    assert rows[0] == "step,learning_rate,loss,smoothed_loss" and len(rows) == 4
