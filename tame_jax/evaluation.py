@@ -12,9 +12,9 @@ command, the demo and the tables pick it up by name.
 Given a mesh, the predictions, the maps and the metrics run per device (`jax.shard_map` over
 the `batch` axis): each device computes its own images only, and nothing gathers the image
 batch, so more devices means proportionally more images per second. Per-image randomness
-(ROAD's noise) is drawn from the image's index in the global batch, and randomness shared by
-the batch (RISE's masks) from the replicated key, so the results do not depend on the number
-of devices.
+(ROAD's noise) is drawn from the image's index in the eval split, and randomness shared by all
+images (RISE's masks) from one replicated key, so the results depend neither on the number of
+devices or hosts nor on how the images are batched.
 """
 
 from __future__ import annotations
@@ -379,7 +379,9 @@ def _jitted_metrics(plan: tuple, mesh: Mesh | None) -> Callable[..., dict[str, j
             index = np.arange(images.shape[0], dtype=np.int32)
         return model, images, maps, classes, key, boxes, labels, label_maps, index
 
-    fn = lambda *a, **kw: run(*args(*a, **kw))  # noqa: E731
+    def fn(*a: Any, **kw: Any) -> dict[str, jax.Array]:
+        return run(*args(*a, **kw))
+
     fn.lower = lambda *a, **kw: run.lower(*args(*a, **kw))
     return fn
 
