@@ -105,3 +105,50 @@ def test_lr_finder_joins_the_job_and_process_zero_writes(runs, trainer):
         assert "LR range test on 4 devices of 2 processes, batch 8" in text
     rows = open(os.path.join(workdir, "lr_finder.csv")).read().splitlines()
     assert rows[0] == "step,learning_rate,loss,smoothed_loss" and len(rows) == 4
+
+
+def _explain_config(path: str, worker: str, data_dir: str, **distributed) -> str:
+    """Writes a config file (the worker's, on the synthetic data, with distributed fields)."""
+    with open(path, "w") as f:
+        f.write("import runpy\n\n\ndef get_config():\n"
+                f"    c = runpy.run_path({worker!r})['get_config']()\n"
+                "    c.data.source = 'synthetic_shapes'\n"
+                "    c.data.synthetic_config = 'tiny'\n"
+                f"    c.data.data_dir = {data_dir!r}\n"
+                "    c.eval.cam_layer = 'layer3'\n"
+                + "".join(f"    c.distributed.{k} = {v!r}\n" for k, v in distributed.items())
+                + "    return c\n")
+    return path
+
+
+def test_explain_split_on_two_processes_writes_the_files_of_one(runs, trainer):
+    """explain --split: each host explains its shard; together every image once, the same
+    files (byte for byte) as one process."""
+    tmp, data_dir, _, _, _ = runs
+    port = trainer.free_port()
+    procs, logs = [], []
+    for pid in range(2):
+        cfg = _explain_config(str(tmp / f"explain_{pid}.py"), trainer.config_file, data_dir,
+                              coordinator_address=f"localhost:{port}", num_processes=2,
+                              process_id=pid)
+        cmd = [sys.executable, "-m", "tame_jax.explain", f"--config={cfg}", "--method=gradcam",
+               "--split=test", f"--out={tmp / 'explain2'}", "--batch_size=4"]
+        logs.append(str(tmp / f"explain_log_{pid}.txt"))
+        procs.append(trainer.start(cmd, trainer.env(devices=2), logs[-1]))
+    texts = [trainer.finish(p, log, TIMEOUT_S) for p, log in zip(procs, logs, strict=True)]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(t[-3000:] for t in texts)
+    assert "explained 20 images of split 'test' with gradcam" in texts[0]
+    assert "(process 1 of 2)" in texts[1] and "explained 20 images" in texts[1]
+    cfg = _explain_config(str(tmp / "explain_1p.py"), trainer.config_file, data_dir,
+                          num_processes=1)
+    one = subprocess.run([sys.executable, "-m", "tame_jax.explain", f"--config={cfg}",
+                          "--method=gradcam", "--split=test", f"--out={tmp / 'explain1'}",
+                          "--batch_size=4"], env=trainer.env(devices=2), cwd=trainer.repo,
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert one.returncode == 0, one.stderr[-3000:]
+    names = sorted(os.listdir(tmp / "explain1" / "test"))
+    assert names == [f"{i:06d}.gradcam.png" for i in range(40)]
+    assert sorted(os.listdir(tmp / "explain2" / "test")) == names
+    for name in names:
+        assert ((tmp / "explain2" / "test" / name).read_bytes()
+                == (tmp / "explain1" / "test" / name).read_bytes()), name
