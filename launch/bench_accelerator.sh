@@ -47,3 +47,12 @@ fi
 python -m tame_jax.bench --backbones="$BACKBONES" --batch="$BATCH" --dtype="$DTYPES" \
   --steps="$STEPS" --image_size=224 --out="$OUT"
 echo "JSON: $OUT"
+
+# Evaluation throughput of the slow baselines on 1 device and on all of them (per-device maps:
+# the speed-up should follow the device count). EVAL_SCALING=0 skips it.
+if [[ "${EVAL_SCALING:-1}" == "1" ]]; then
+  NDEV=$(python -c "import jax; print(jax.device_count())")
+  python -m tame_jax.tools.eval_scaling --methods=scorecam,rise --devices="1,$NDEV" \
+    --backbone=resnet50 --width=0 --image_size=224 --batch="$((8 * NDEV))" \
+    --rise_masks=1000 --steps=3 --out=eval_scaling.json
+fi

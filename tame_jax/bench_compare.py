@@ -245,14 +245,14 @@ def method_speed(methods: Sequence[str], num_images: int, rounds: int) -> dict[s
     for method in methods:
         maps_of = evaluation.map_fn(method, config)
         t0 = time.perf_counter()
-        classes = evaluation.predict(model, images)
+        classes = evaluation.predict_fn()(model, images)
         maps = jax.block_until_ready(maps_of(model, attention_vars, images, classes, key))
         jax.block_until_ready(metrics_of(model, images, maps, classes, key, None))
         first = time.perf_counter() - t0
         t_maps, t_metrics = [], []
         for _ in range(rounds * batches):
             t0 = time.perf_counter()
-            classes = evaluation.predict(model, images)
+            classes = evaluation.predict_fn()(model, images)
             maps = jax.block_until_ready(maps_of(model, attention_vars, images, classes, key))
             t1 = time.perf_counter()
             jax.block_until_ready(metrics_of(model, images, maps, classes, key, None))

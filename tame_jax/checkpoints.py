@@ -9,10 +9,11 @@ A step folder that lacks orbax's commit marker (e.g. copied in part by hand) is 
 
 from __future__ import annotations
 
+import json
 import logging as pylogging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,8 +23,14 @@ from absl import logging
 
 from tame_jax import workdirs
 
-# The fields of `meta` that must agree between a checkpoint and the run that restores it.
-IDENTITY_KEYS = ("backbone", "layers", "variant", "num_classes", "image_size")
+# What a checkpoint's attention module was built for: evaluation and explanation need these.
+MODEL_KEYS = ("backbone", "layers", "variant", "num_classes", "image_size")
+# What else makes the trained function: resuming with any of these changed would join two
+# different runs (e.g. two one-cycle schedules), so a resume checks them too.
+RUN_KEYS = ("learning_rate", "total_steps", "num_epochs", "num_train_steps", "batch_size",
+            "bias_lr_factor", "loss", "data_source", "backbone_mode", "train_labels",
+            "selective_fusion", "seed")
+IDENTITY_KEYS = MODEL_KEYS + RUN_KEYS
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step folder as its last act
 
 
@@ -43,31 +50,80 @@ def quiet_orbax_logs() -> None:
         handler.addFilter(_HideOrbaxInfo())
 
 
+def check_allowed(allowed: Sequence[str]) -> None:
+    """Raises ValueError if `allowed` (config.resume_allow_changes) names an unknown field."""
+    unknown = sorted(set(allowed) - set(RUN_KEYS))
+    if unknown:
+        raise ValueError(f"config.resume_allow_changes: unknown fields {unknown}; they can be "
+                         f"{', '.join(RUN_KEYS)} (the model's own fields cannot change)")
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint was trained for another model than the one asked for."""
 
 
-def describe(config: Any) -> dict[str, Any]:
-    """Returns the identity of a run (what its checkpoints can be restored into)."""
-    return {
+def describe(config: Any, total_steps: int | None = None) -> dict[str, Any]:
+    """Returns the identity of a run: the model it trains (MODEL_KEYS) and, with total_steps
+    (the run's length), what else makes the trained function (RUN_KEYS)."""
+    out: dict[str, Any] = {
         "backbone": config.model.backbone,
         "layers": list(config.model.layers),
         "variant": config.model.variant,
         "num_classes": int(config.model.num_classes),
         "image_size": int(config.data.image_size),
     }
+    if total_steps is None:
+        return out
+    data = config.data
+    source = {"source": data.source, "root": data.get("root", ""),
+              "list_file": data.get("list_file", ""), "train_split": data.get("train_split")}
+    if data.source == "synthetic_shapes":
+        source["synthetic_config"] = data.get("synthetic_config")
+    loss = config.get("loss", None)
+    out.update(
+        learning_rate=float(config.learning_rate), total_steps=int(total_steps),
+        num_epochs=float(config.num_epochs), num_train_steps=int(config.num_train_steps),
+        batch_size=int(config.batch_size),
+        bias_lr_factor=float(config.get("bias_lr_factor", 2.0)),
+        train_labels=config.model.get("train_labels", "model"),
+        loss=json.loads(loss.to_json_best_effort()) if loss is not None else {},
+        data_source=source, backbone_mode=config.model.backbone_mode,
+        selective_fusion=bool(config.model.selective_fusion), seed=int(config.seed))
+    return out
 
 
-def check_identity(found: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
-    """Raises CheckpointMismatchError naming every field where the two identities differ."""
-    diffs = [f"{k}: checkpoint has {found.get(k)!r}, config asks for {expected.get(k)!r}"
-             for k in IDENTITY_KEYS if k in expected and found.get(k) != expected.get(k)]
+def check_identity(found: Mapping[str, Any], expected: Mapping[str, Any], where: str,
+                   allowed: Sequence[str] = ()) -> None:
+    """Raises CheckpointMismatchError naming every field where the two identities differ.
+
+    Fields in `allowed` may differ (a deliberate change, logged); fields the checkpoint does
+    not record (made by an older version) are logged and not checked.
+    """
+    check_allowed(allowed)
+    diffs, changed, unrecorded = [], [], []
+    for k in IDENTITY_KEYS:
+        if k not in expected:
+            continue
+        if k not in found:
+            unrecorded.append(k)
+        elif found[k] != expected[k]:
+            line = f"{k}: checkpoint has {found[k]!r}, config asks for {expected[k]!r}"
+            (changed if k in allowed else diffs).append(line)
+    if unrecorded:
+        logging.warning("the checkpoint in %s does not record %s (an older tame_jax): not "
+                        "checked", where, ", ".join(unrecorded))
+    for line in changed:
+        logging.warning("resuming with a deliberate change (config.resume_allow_changes): %s",
+                        line)
     if diffs:
+        model = any(d.split(":")[0] in MODEL_KEYS for d in diffs)
+        fix = ("Use another --workdir for this config, or the config the checkpoint was made "
+               "with." if model else
+               "Use another --workdir, the settings the run was started with, or, to change "
+               "them deliberately, --config.resume_allow_changes=<field>,...")
         raise CheckpointMismatchError(
-            f"the checkpoint in {where} was trained for a different model:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse another --workdir for this config, or the config the checkpoint was made with."
-        )
+            f"the checkpoint in {where} was trained for a different "
+            f"{'model' if model else 'run'}:\n  " + "\n  ".join(diffs) + "\n" + fix)
 
 
 def set_aside_incomplete(directory: str) -> list[str]:
@@ -113,10 +169,13 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, every: int = 1000,
-                 identity: Mapping[str, Any] | None = None, read_only: bool = False):
+                 identity: Mapping[str, Any] | None = None, read_only: bool = False,
+                 allowed_changes: Sequence[str] = ()):
         self.directory = workdirs.join(workdirs.absolute(workdir), "checkpoints")
         self.every = max(1, int(every))
         self.identity = dict(identity or {})
+        self.allowed_changes = tuple(allowed_changes)
+        check_allowed(self.allowed_changes)
         self.read_only = read_only
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False)
@@ -171,7 +230,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        check_identity(self.meta(step), self.identity, self.directory)
+        check_identity(self.meta(step), self.identity, self.directory, self.allowed_changes)
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         if partial:
             args = ocp.args.PyTreeRestore(

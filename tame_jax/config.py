@@ -83,6 +83,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
      "> 0: a profiler trace of that many steps (from step 10) in the workdir, for TensorBoard"),
     ("checkpoint_every", 1000, "steps between checkpoints (and one at the end)"),
     ("keep_checkpoints", 3, "checkpoints kept (the newest)"),
+    ("resume_allow_changes", (),
+     "run settings a resume may change deliberately (e.g. ('learning_rate',)); any other "
+     "difference from the checkpoint's run is an error"),
     # objective
     ("loss.mask_space", "pixels",
      "what the attention mask multiplies: 'pixels' (TAME: the [0, 1] image, a masked pixel is "

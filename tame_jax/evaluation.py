@@ -8,6 +8,13 @@ command, the demo and the tables pick it up by name.
   [0, 1] at image resolution (higher = more relevant), reading its options from the config.
 - A `Metric` turns a `MetricInputs` batch into per-image values {column: (B,)}; its columns
   come from the config, and it says whether they are percentages and how to print them.
+
+Given a mesh, the predictions, the maps and the metrics run per device (`jax.shard_map` over
+the `batch` axis): each device computes its own images only, and nothing gathers the image
+batch, so more devices means proportionally more images per second. Per-image randomness
+(ROAD's noise) is drawn from the image's index in the eval split, and randomness shared by all
+images (RISE's masks) from one replicated key, so the results depend neither on the number of
+devices or hosts nor on how the images are batched.
 """
 
 from __future__ import annotations
@@ -22,12 +29,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from tame_jax import backbones, cams, checkpoints, cli, metrics, report
 from tame_jax.image_ops import minmax_normalize
 from tame_jax.model import Model
-from tame_jax.sharding import check_global_batch, local_rows, make_mesh, replicate, shard_batch
+from tame_jax.sharding import (
+    BATCH_AXIS,
+    check_global_batch,
+    local_rows,
+    make_mesh,
+    replicate,
+    shard_batch,
+)
 
 # ----------------------------------------------------------------------------- methods
 
@@ -115,6 +130,7 @@ class MetricInputs:
     boxes: jax.Array | None = None  # (B, 4) (ymin, xmin, ymax, xmax), where the data has them
     labels: jax.Array | None = None  # (B,) the data's labels (ground truth), -1 where unknown
     label_maps: jax.Array | None = None  # (B, H, W) maps of `labels`, for needs_label_maps
+    index: jax.Array | None = None  # (B,) each image's index in the eval split
 
     def classify(self, images: jax.Array) -> jax.Array:
         """Returns the logits (B, K) of images in [0, 1] (the frozen backbone)."""
@@ -203,7 +219,7 @@ def _road(inputs: MetricInputs, levels: tuple[tuple[str, float], ...], variant: 
     space, selection = ROAD_VARIANTS[variant]
     x, classify = _space(inputs, space)
     kept = metrics.road_levels(classify, x, inputs.maps, inputs.classes, inputs.key, levels,
-                               selection=selection)  # (B, L)
+                               selection=selection, index=inputs.index)  # (B, L)
     return {f"road_{order}_{_pct(f)}": kept[:, i].astype(jnp.float32)
             for i, (order, f) in enumerate(levels)}
 
@@ -324,11 +340,28 @@ def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(options.items()))
 
 
+REPLICATED, SPLIT = P(), P(BATCH_AXIS)
+
+
+def _per_device(fn: Callable[..., Any], mesh: Mesh | None, in_specs: tuple) -> Callable:
+    """Returns fn jitted; with a mesh, run per device on its slice of the batch (in_specs:
+    REPLICATED or SPLIT per positional argument; the outputs are SPLIT).
+
+    The bodies hold no collectives: each device is an independent program on its images.
+    check_vma=False keeps autodiff inside them per device (Grad-CAM's gradient w.r.t. a zero
+    perturbation built in the body would otherwise be summed over the devices, as the
+    transpose of a replicated value)."""
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=SPLIT,
+                                 check_vma=False))
+
+
 def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: jax.Array,
-                   key: jax.Array, boxes: jax.Array | None, labels: jax.Array | None = None,
-                   label_maps: jax.Array | None = None, *, plan: tuple
+                   key: jax.Array, boxes: jax.Array | None, labels: jax.Array | None,
+                   label_maps: jax.Array | None, index: jax.Array, *, plan: tuple
                    ) -> dict[str, jax.Array]:
-    inputs = MetricInputs(model, images, maps, classes, key, boxes, labels, label_maps)
+    inputs = MetricInputs(model, images, maps, classes, key, boxes, labels, label_maps, index)
     out = {}
     for name, options in plan:
         out.update(METRICS[name].fn(inputs, **dict(options)))
@@ -336,17 +369,33 @@ def _batch_metrics(model: Model, images: jax.Array, maps: jax.Array, classes: ja
 
 
 @functools.cache
-def _jitted_metrics(plan: tuple) -> Callable[..., dict[str, jax.Array]]:
-    return jax.jit(functools.partial(_batch_metrics, plan=plan))
+def _jitted_metrics(plan: tuple, mesh: Mesh | None) -> Callable[..., dict[str, jax.Array]]:
+    run = _per_device(functools.partial(_batch_metrics, plan=plan), mesh,
+                      (REPLICATED, SPLIT, SPLIT, SPLIT, REPLICATED, SPLIT, SPLIT, SPLIT, SPLIT))
+
+    def args(model, images, maps, classes, key, boxes=None, labels=None, label_maps=None,
+             index=None):
+        if index is None:  # the position in the batch
+            index = np.arange(images.shape[0], dtype=np.int32)
+        return model, images, maps, classes, key, boxes, labels, label_maps, index
+
+    def fn(*a: Any, **kw: Any) -> dict[str, jax.Array]:
+        return run(*args(*a, **kw))
+
+    fn.lower = lambda *a, **kw: run.lower(*args(*a, **kw))
+    return fn
 
 
-def batch_metrics(config: Any, with_boxes: bool) -> Callable[..., dict[str, jax.Array]]:
-    """Returns jitted fn(model, images, maps, classes, key, boxes, labels=None, label_maps=None)
-    -> {column: (B,)}: one program per architecture and settings, shared by every method
-    evaluated in the process."""
+def batch_metrics(config: Any, with_boxes: bool, mesh: Mesh | None = None
+                  ) -> Callable[..., dict[str, jax.Array]]:
+    """Returns jitted fn(model, images, maps, classes, key, boxes, labels=None, label_maps=None,
+    index=None) -> {column: (B,)}: one program per architecture and settings, shared by every
+    method evaluated in the process. With a mesh, each device computes the metrics of its
+    images. index (B,): each image's index in the eval split (default: its position in the
+    batch); per-image randomness (ROAD's noise) is drawn from it."""
     plan = tuple((m.name, _frozen(m.options(config)))
                  for m in selected_metrics(config, with_boxes))
-    return _jitted_metrics(plan)
+    return _jitted_metrics(plan, mesh)
 
 
 def needs_label_maps(config: Any, with_boxes: bool) -> bool:
@@ -360,21 +409,28 @@ def _method_maps(model: Model, attention_vars: Any, images: jax.Array, classes: 
 
 
 @functools.cache
-def _jitted_maps(method: str, options: tuple) -> Callable[..., jax.Array]:
-    return jax.jit(functools.partial(_method_maps, method=method, options=options))
+def _jitted_maps(method: str, options: tuple, mesh: Mesh | None) -> Callable[..., jax.Array]:
+    return _per_device(functools.partial(_method_maps, method=method, options=options), mesh,
+                       (REPLICATED, REPLICATED, SPLIT, SPLIT, REPLICATED))
 
 
-def map_fn(method: str, config: Any) -> Callable[..., jax.Array]:
+def map_fn(method: str, config: Any, mesh: Mesh | None = None) -> Callable[..., jax.Array]:
     """Returns jitted fn(model, attention_vars, images, classes, key) -> maps (B, H, W) of
-    `classes` (B,), one program per method and settings."""
+    `classes` (B,), one program per method and settings. With a mesh, each device computes the
+    maps of its images (the batch must divide by the number of devices)."""
     m = get_method(method)
-    return _jitted_maps(m.name, _frozen(m.options(config)))
+    return _jitted_maps(m.name, _frozen(m.options(config)), mesh)
 
 
-@jax.jit
-def predict(model: Model, images: jax.Array) -> jax.Array:
-    """Returns the top-1 classes (B,) of images in [0, 1]: the classes evaluate explains."""
+def _predict(model: Model, images: jax.Array) -> jax.Array:
     return jnp.argmax(model.classify(images), axis=-1)
+
+
+@functools.cache
+def predict_fn(mesh: Mesh | None = None) -> Callable[..., jax.Array]:
+    """Returns jitted fn(model, images) -> the top-1 classes (B,) of images in [0, 1] (the
+    classes evaluate explains); with a mesh, per device."""
+    return _per_device(_predict, mesh, (REPLICATED, SPLIT))
 
 
 SUB_BATCH = 8  # slow methods recompute the maps of misclassified images this many at a time
@@ -415,16 +471,18 @@ def label_maps_of(maps_of: Callable[..., jax.Array], model: Model, attention_var
     not: for the whole batch again (fast methods; nothing for a batch without a mismatch), or,
     for slow methods, for the misclassified images only, SUB_BATCH at a time. Every process
     takes the same branches (the decisions are replicated values)."""
-    replicated = jax.sharding.NamedSharding(labels.sharding.mesh, P())
+    mesh = labels.sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, P())
     target, idx, count = jax.device_get(_label_targets(replicated)(labels, valid, classes))
     count = int(count)
     if count == 0:
         return maps
     if not slow:
         return maps_of(model, attention_vars, images, jnp.asarray(target), key)
-    for start in range(0, count, SUB_BATCH):
-        chunk = np.full(SUB_BATCH, -1, np.int32)
-        part = idx[start:min(start + SUB_BATCH, count)]
+    sub = -(-SUB_BATCH // mesh.size) * mesh.size  # divides over the devices
+    for start in range(0, count, sub):
+        chunk = np.full(sub, -1, np.int32)
+        part = idx[start:min(start + sub, count)]
         chunk[:len(part)] = part
         sub_images, sub_target = _take_rows(images, jnp.asarray(target), jnp.asarray(chunk))
         sub_maps = maps_of(model, attention_vars, sub_images, sub_target, key)
@@ -462,13 +520,19 @@ def num_examples(config: Any, method: str) -> int:
 
 
 def _gather_rows(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Returns the per-image arrays of all processes, concatenated (one process: as given)."""
+    """Returns the per-image arrays of all processes, concatenated in process order (one
+    process: as given), bit for bit: the values travel as the uint32 words of their float64
+    form (JAX arrays without x64 would round them to float32)."""
     if jax.process_count() == 1:
         return local
     from jax.experimental import multihost_utils
 
-    return {k: np.asarray(multihost_utils.process_allgather(v)).reshape(-1)
-            for k, v in local.items()}
+    out = {}
+    for k, v in local.items():
+        words = np.ascontiguousarray(np.asarray(v, np.float64)).view(np.uint32)
+        gathered = np.asarray(multihost_utils.process_allgather(words), np.uint32)
+        out[k] = np.ascontiguousarray(gathered.reshape(-1)).view(np.float64).astype(v.dtype)
+    return out
 
 
 FirstBatch = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], None]
@@ -478,9 +542,9 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
                        label: str = "eval", on_first_batch: FirstBatch | None = None
                        ) -> dict[str, np.ndarray]:
     """Returns per-image values over the eval set: {column: (N,)} on the table's scale
-    (percent columns x 100), plus 'image' (the position in the evaluation order: with one
-    process, the index in the eval split), 'label' (the data's, -1 unknown) and 'class' (the
-    explained class), sorted by image.
+    (percent columns x 100), plus 'image' (the index in the eval split, whatever the number of
+    hosts and devices), 'label' (the data's, -1 unknown) and 'class' (the explained class),
+    sorted by image.
 
     on_first_batch(batch, maps, classes): called with this host's first batch and its maps
     (B, H, W) and classes (B,) as numpy (the demo draws its grid from them).
@@ -499,20 +563,25 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
                        global_batch)
     model = replicate(model, mesh)
     attention_vars = replicate(attention_vars, mesh) if attention_vars is not None else None
-    maps_of = map_fn(method, config)
-    key = jax.random.key(config.seed)
+    maps_of = map_fn(method, config, mesh)
+    predict = predict_fn(mesh)
+    # One key for every batch: RISE's masks are the same for every image (as its authors
+    # use one set), ROAD's noise follows each image's index in the split, so an image's values
+    # do not depend on its batch, its device or the number of hosts.
+    k_map, k_metrics = jax.random.split(jax.random.key(config.seed))
     progress = cli.progress_bar(num_batches, label, unit="batch")
     rows: dict[str, list[np.ndarray]] = {}
     for i, batch in enumerate(batches):
         with_boxes = "bbox" in batch
         if i == 0:
             check_data(config, with_boxes, batch["label"][batch["valid"]])
-        metrics_of = batch_metrics(config, with_boxes)
+        metrics_of = batch_metrics(config, with_boxes, mesh)
         formats = column_formats(config, with_boxes)
         want_label_maps = needs_label_maps(config, with_boxes)
-        names = ("image", "bbox", "label", "valid") if want_label_maps else ("image", "bbox")
-        arrays = shard_batch({k: batch[k] for k in names if k in batch}, mesh)
-        k_map, k_metrics = jax.random.split(jax.random.fold_in(key, i))
+        names = ("image", "bbox", "index", "label", "valid") if want_label_maps else (
+            "image", "bbox", "index")
+        arrays = shard_batch({k: batch[k].astype(np.int32) if k == "index" else batch[k]
+                              for k in names if k in batch}, mesh)
         classes = predict(model, arrays["image"])
         maps = maps_of(model, attention_vars, arrays["image"], classes, k_map)
         label_maps = None
@@ -521,13 +590,12 @@ def evaluate_per_image(config: Any, model: Model, method: str, attention_vars: A
                                        classes, maps, arrays["label"], arrays["valid"],
                                        slow=get_method(method).slow)
         out = metrics_of(model, arrays["image"], maps, classes, k_metrics, arrays.get("bbox"),
-                         arrays.get("label"), label_maps)
+                         arrays.get("label"), label_maps, arrays["index"])
         local = len(batch["valid"])
         if i == 0 and on_first_batch is not None:
             on_first_batch(batch, local_rows(maps).reshape(local, *maps.shape[1:]),
                            local_rows(classes)[:local].astype(np.int64))
-        first = i * global_batch + jax.process_index() * local  # this host's rows, in order
-        record = {"image": np.arange(first, first + local), "valid": batch["valid"],
+        record = {"image": np.asarray(batch["index"]), "valid": batch["valid"],
                   "label": np.asarray(batch["label"]), "class": local_rows(classes)[:local]}
         for k, v in out.items():
             record[k] = (100.0 if formats[k]["percent"] else 1.0) * local_rows(v)[:local]

@@ -4,6 +4,7 @@
     python -m tame_jax.explain --attention=resnet50_TTAME.ckpt photos/    # a released checkpoint
     python -m tame_jax.explain --backbone=resnet50 --backbone_weights=resnet50.safetensors \\
         --method=gradcam photos/                                          # a baseline
+    python -m tame_jax.explain --workdir=runs/demo --split=test --out=maps/  # a data set split
 
 Inputs are files, folders (searched recursively for images) and globs. Outputs mirror the
 input tree under --out (`photos/a/x.jpg` -> `maps/a/x.jpg.tame.png`), so names never collide;
@@ -533,6 +534,47 @@ def run_files(explainer: Explainer, files: Sequence[tuple[str, str]], out_dir: s
     return failures
 
 
+def run_split(explainer: Explainer, split: str, out_dir: str, *,
+              classes: Sequence[int | str] | None = None, top_k: int = 1,
+              colormap: str = "jet", show_progress: bool = True) -> int:
+    """Explains every image of a split of the explainer's data set (config.data) into
+    OUT/<split>/<index in the split>.<method>.png (overlays on the model's crop); returns how
+    many this process wrote.
+
+    On several processes (a multi-host job), each reads and explains only its own shard of the
+    split, on its own devices; together they write every image once.
+    """
+    from tame_jax import cli, data
+
+    fixed = None
+    if classes:
+        idx = [class_index(c, explainer.class_names) for c in classes]
+        fixed = np.tile(np.asarray(idx, np.int32), (explainer.batch_size, 1))
+    batches = data.eval_iterator(explainer.config, split=split,
+                                 global_batch_size=explainer.batch_size * jax.process_count())
+    folder = os.path.join(out_dir, split)
+    os.makedirs(folder, exist_ok=True)
+    bar = cli.progress_bar(len(batches), f"explain {split}", unit="batch",
+                           enabled=show_progress)
+    written = 0
+    for batch in batches:
+        valid = np.flatnonzero(batch["valid"])
+        if len(valid):
+            crops = batch["image"][valid]
+            maps, cls_, probs = explainer.explain_batch(
+                crops, None if fixed is None else fixed[:len(valid)], top_k,
+                pad_to=explainer.batch_size)
+            ex = Explanation(maps, cls_, probs, [], explainer.class_names)
+            for i, index in enumerate(batch["index"][valid]):
+                path = os.path.join(folder, f"{int(index):06d}.{explainer.method}.png")
+                viz.write_panels(path, [viz.overlay(crops[i], h, colormap) for h in maps[i]],
+                                 ex.titles(i))
+                written += 1
+        bar.update()
+    bar.close()
+    return written
+
+
 def build_explainer(args: argparse.Namespace) -> Explainer:
     """Returns the explainer the command line asks for (workdir, release or baseline)."""
     from tame_jax import evaluation
@@ -578,6 +620,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, folders (recursive) and globs")
     p.add_argument("--images", nargs="+", default=[], help="more inputs (same as positional)")
+    p.add_argument("--split", default=None, help="explain every image of this split of the "
+                   "data set of --workdir or --config (e.g. test) instead of files, into "
+                   "OUT/<split>/<index>.<method>.png; on a multi-host job (SLURM, TPU VM, or "
+                   "the config's distributed fields) each host explains its own shard")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--workdir", help="a tame_jax.train workdir (its config and checkpoint)")
     src.add_argument("--attention", help="an attention checkpoint of the reference releases "
@@ -630,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1:
         print("error: --top_k must be at least 1", file=sys.stderr)
         return 2
+    if args.split:
+        return _main_split(args)
     files, problems = expand_inputs([*args.inputs, *args.images], exclude=args.out)
     if problems or not files:
         for msg in problems or ["no inputs: give image files, folders or globs"]:
@@ -665,6 +713,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in failures:
             print(f"  {f}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _main_split(args: argparse.Namespace) -> int:
+    """`main` with --split: join the multi-host job if there is one, explain the split."""
+    from tame_jax import distributed, workdirs
+
+    if args.inputs or args.images:
+        print("error: --split explains a data set split: give no image files", file=sys.stderr)
+        return 2
+    if not (args.workdir or args.config):
+        print("error: --split needs the data set of --workdir or --config", file=sys.stderr)
+        return 2
+    config = (workdirs.load_config(args.workdir, check=False) if args.workdir
+              else _config_file(args.config))
+    distributed.setup_distributed(config)  # before anything starts JAX's backend
+    folder = os.path.join(args.out, args.split)
+    # (On several processes a check would race with the others' first files: they overwrite.)
+    if (jax.process_count() == 1 and os.path.isdir(folder) and os.listdir(folder)
+            and not args.overwrite):
+        print(f"error: {folder} holds files already; nothing was written. Pass --overwrite to "
+              "replace them, or another --out.", file=sys.stderr)
+        return 2
+    try:
+        explainer = build_explainer(args)
+        classes = [c for c in args.classes.split(",") if c] if args.classes else None
+        written = run_split(explainer, args.split, args.out, classes=classes, top_k=args.top_k,
+                            colormap=args.colormap)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"explained {written} images of split {args.split!r} with {args.method} into "
+          f"{folder}/ (process {jax.process_index()} of {jax.process_count()})")
     return 0
 
 

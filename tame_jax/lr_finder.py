@@ -65,6 +65,8 @@ def run(config: Any, workdir: str, *, min_lr: float, max_lr: float, num_steps: i
     model = replicate(model, mesh)
     batches = data.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed)
     key = jax.random.key(config.seed)
+    logging.info("LR range test on %d devices of %d processes, batch %d", mesh.size,
+                 jax.process_count(), config.batch_size)
     lrs, losses = [], []
     for step in range(num_steps):
         batch = next(batches)

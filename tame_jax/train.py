@@ -183,7 +183,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     state = init_state(model, tx, jax.random.fold_in(jax.random.key(config.seed), 1), mesh)
     ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                     every=config.checkpoint_every,
-                                    identity=checkpoints.describe(config))
+                                    identity=checkpoints.describe(config, num_steps),
+                                    allowed_changes=tuple(config.resume_allow_changes))
     start = 0
     if ckpt.latest_step() is not None:
         state, start = ckpt.restore(state)

@@ -55,6 +55,19 @@ def init_state(model: Model, tx: optax.GradientTransformation, rng: jax.Array,
     return state if mesh is None else replicate(state, mesh)
 
 
+def distinct_classes(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """Returns (classes (N,), column (B,)): the distinct labels, N = min(B, K), and labels[j]'s
+    position in them, so classes[column] == labels.
+
+    The size is static: fewer distinct labels are padded with labels[0] (a valid class whose
+    extra columns are computed and never read), so a global batch above K never fuses more
+    than K columns.
+    """
+    n = min(labels.shape[0], num_classes)
+    classes, column = jnp.unique(labels, size=n, fill_value=labels[0], return_inverse=True)
+    return classes, column.reshape(labels.shape)
+
+
 def make_per_device_step(tx: optax.GradientTransformation, *, backbone_mode: str = "frozen",
                          selective_fusion: bool = True, train_labels: str = "model",
                          loss: losses.LossConfig = losses.PAPER,
@@ -102,8 +115,10 @@ def make_per_device_step(tx: optax.GradientTransformation, *, backbone_mode: str
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            if selective_fusion:
-                c, batch_stats = model.class_logits_train(variables, feats, labels, BATCH_AXIS)
+            if selective_fusion:  # each distinct class once, then a column per label
+                classes, column = distinct_classes(labels, model.attention.num_classes)
+                c, batch_stats = model.class_logits_train(variables, feats, classes, BATCH_AXIS)
+                c = jnp.take(c, column, axis=-1)
             else:  # full K-channel fusion, then the same columns: for benchmarks
                 c, batch_stats = model.class_logits_train(variables, feats, None, BATCH_AXIS)
                 c = jnp.take(c, labels, axis=-1)

@@ -141,6 +141,14 @@ def test_shards_are_disjoint_and_cover(folder):
     assert len(keys[0]) == 3 and len(keys[1]) == 2 and not keys[0] & keys[1]
     (whole,) = list(data.eval_iterator(cfg, global_batch_size=8, process_index=0, process_count=1))
     assert keys[0] | keys[1] == {whole["image"][j].tobytes() for j in range(5)}
+    # Each example carries its index in the split, whatever the number of hosts (-1: padding).
+    by_index = {int(i): whole["image"][j].tobytes() for j, i in enumerate(whole["index"][:5])}
+    assert sorted(by_index) == list(range(5)) and (whole["index"][5:] == -1).all()
+    for host in per_host:
+        for b in host:
+            assert (b["index"][~b["valid"]] == -1).all()
+            for j in np.flatnonzero(b["valid"]):
+                assert b["image"][j].tobytes() == by_index[int(b["index"][j])]
     # Train shards: one epoch's order on each host is a disjoint part of the examples.
     from tame_jax.data import sources
 
@@ -264,3 +272,34 @@ def test_imagenet2012_mock_data():
         assert len(batches) == 3
         np.testing.assert_array_equal(batches[-1]["valid"], [True, True, False, False])
         assert sum(int(b["valid"].sum()) for b in batches) == 10
+
+
+def test_tfds_resume_reads_by_position_not_by_skipping(tiny_config, monkeypatch):
+    """ArrayRecord data is read by index: resuming at the last step of an epoch reads one
+    batch of records (no reading and discarding), and yields the uninterrupted run's batch."""
+    from tensorflow_datasets.core.data_sources import array_record
+
+    cfg = tiny_config()
+    kw = dict(global_batch_size=8, seed=5, process_index=0, process_count=1)
+    steps = data.steps_per_epoch(cfg, 8)
+    assert steps == 8  # synthetic_shapes/tiny: 64 train examples
+    full = _take(data.train_iterator(cfg, **kw), steps + 1)
+    reads = []
+    original = array_record.ArrayRecordDataSource.__getitems__
+
+    def counting(self, keys):
+        reads.extend(keys)
+        return original(self, keys)
+
+    monkeypatch.setattr(array_record.ArrayRecordDataSource, "__getitems__", counting)
+    resumed = data.train_iterator(cfg, start_step=steps - 1, **kw)
+    last = next(resumed)
+    assert len(reads) == 8  # one batch of records, where skipping would read 64
+    np.testing.assert_array_equal(last["image"], full[steps - 1]["image"])
+    np.testing.assert_array_equal(last["label"], full[steps - 1]["label"])
+    np.testing.assert_array_equal(next(resumed)["image"], full[steps]["image"])  # next epoch
+    # Each epoch reads every example once, in a seeded order that changes with the epoch.
+    reads.clear()
+    _take(data.train_iterator(cfg, **kw), 2 * steps)
+    assert sorted(reads[:64]) == sorted(reads[64:]) == list(range(64))
+    assert reads[:64] != reads[64:]

@@ -355,8 +355,8 @@ def test_lite1_file_loaded_as_lite0_names_the_differences(lite0):
 def test_gradcam_points_at_the_object(lite0):
     config, model, photos = lite0
     x = _stack(photos, BOXES)
-    maps = evaluation.map_fn("gradcam", config)(model, None, x, evaluation.predict(model, x),
-                                                jax.random.key(0))
+    classes = evaluation.predict_fn()(model, x)
+    maps = evaluation.map_fn("gradcam", config)(model, None, x, classes, jax.random.key(0))
     _assert_points_at_objects(np.asarray(maps))
 
 

@@ -94,19 +94,19 @@ def test_registered_method_and_metric_reach_the_table_and_match_direct_metrics(
     # The same numbers computed directly, batch by batch on one device, without evaluation.
     # The toy maps are exact (no float noise between the sharded and the direct path), so
     # every pixel order, and with it every metric, must agree to the classifier's rounding.
-    key = jax.random.key(config.seed)
+    _, k_metrics = jax.random.split(jax.random.key(config.seed))  # one key for every batch
     per_image: dict[str, list] = {}
-    for i, batch in enumerate(_eval_batches(config)):
+    for batch in _eval_batches(config):
         x = jnp.asarray(batch["image"])
         maps = x.mean(axis=-1)
         classes = jnp.argmax(model.classify(x), -1)
-        _, k_metrics = jax.random.split(jax.random.fold_in(key, i))
         out = metrics.ad_ic(model.classify, x, maps, classes, config.eval.ad_ic_fractions)
         # ROAD and insertion/deletion act on the normalised input, through the backbone.
         xn = model.normalize(x)
         backbone = lambda z: model.apply_backbone(z)[0]  # noqa: E731
-        kept = metrics.road_orders(backbone, xn, maps, classes, k_metrics,
-                                   config.eval.road_fractions, selection="percentile")
+        kept = metrics.road_orders(backbone, xn, maps, classes, k_metrics,  # noise per image
+                                   config.eval.road_fractions, selection="percentile",
+                                   index=jnp.asarray(batch["index"], jnp.int32))
         out["road_morf_20"], out["road_lerf_70"] = kept[0, :, 0], kept[1, :, 1]
         out.update(metrics.insertion_deletion(backbone, xn, maps, classes, step=1024,
                                               substrate="rise"))

@@ -11,7 +11,7 @@ from tame_jax import backbones, optim
 from tame_jax.attention import TAMEAttention
 from tame_jax.model import Model
 from tame_jax.sharding import check_global_batch, make_mesh, replicate, shard_batch
-from tame_jax.train_step import init_state, jit_step, make_per_device_step
+from tame_jax.train_step import distinct_classes, init_state, jit_step, make_per_device_step
 
 IMAGE = 32
 NUM_CLASSES = 10
@@ -121,6 +121,34 @@ def test_selective_fusion_step_equals_full_fusion_step(vit):
     full, h_full = _run(jax.devices()[:2], 1, selective=False, vit=vit)
     chex.assert_trees_all_close(h_sel, h_full, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(sel.params, full.params, rtol=1e-5, atol=1e-6)
+
+
+def test_selective_fusion_fuses_each_distinct_class_once(monkeypatch):
+    """Global batch 16 > K = 10 classes: the fusion computes min(B, K) = 10 columns, not 16."""
+    widths = []
+    original = Model.class_logits_train
+
+    def recording(self, variables, feats, classes, axis_name):
+        widths.append(None if classes is None else classes.shape)
+        return original(self, variables, feats, classes, axis_name)
+
+    monkeypatch.setattr(Model, "class_logits_train", recording)
+    chex.clear_trace_counter()
+    _run(jax.devices()[:2], 1, selective=True)
+    assert widths == [(NUM_CLASSES,)]  # traced once, K columns for a batch of 16
+
+
+@pytest.mark.parametrize("labels,num_classes", [
+    ([3, 1, 3, 3, 0, 1, 7, 2, 2, 9, 4, 4, 5, 8, 6, 6], 10),  # B = 16 > K, every class present
+    ([5, 5, 2, 5, 2, 5], 10),  # B = 6 <= K, two distinct: padded with labels[0]
+    ([2, 2, 2, 2, 2, 2, 2, 2], 3)])  # B > K, one distinct
+def test_distinct_classes(labels, num_classes):
+    labels = jnp.asarray(labels, jnp.int32)
+    classes, column = jax.jit(distinct_classes, static_argnums=1)(labels, num_classes)
+    assert classes.shape == (min(labels.shape[0], num_classes),)
+    np.testing.assert_array_equal(np.asarray(classes)[np.asarray(column)], np.asarray(labels))
+    assert set(np.asarray(classes).tolist()) == set(np.asarray(labels).tolist())
+    assert ((0 <= np.asarray(classes)) & (np.asarray(classes) < num_classes)).all()
 
 
 def test_batch_that_does_not_divide_gives_the_fix():

@@ -83,7 +83,7 @@ def test_tiny_builder_and_pipeline(tmp_path):
     batches = list(data.eval_iterator(cfg, global_batch_size=16, **kw))
     assert len(batches) == 3 and sum(int(b["valid"].sum()) for b in batches) == 40
     b = batches[0]
-    assert set(b) == {"image", "label", "valid", "bbox", "object_mask"}
+    assert set(b) == {"image", "label", "valid", "bbox", "object_mask", "index"}
     assert b["object_mask"].shape == (16, 128, 128) and b["object_mask"].dtype == bool
     # Test example i in file order is render_example((seed 0, split 1, i), i % 10).
     labels = np.concatenate([x["label"][x["valid"]] for x in batches])
@@ -118,3 +118,14 @@ def test_tiny_builder_and_pipeline(tmp_path):
     assert len(hosts[0]) == len(hosts[1]) == 3  # 20 examples each, local batch 8
     keys = [{x["image"][j].tobytes() for x in h for j in np.flatnonzero(x["valid"])} for h in hosts]
     assert len(keys[0]) == len(keys[1]) == 20 and not keys[0] & keys[1]
+    # Each example's index in the split is the one it has on one host (hosts: consecutive
+    # blocks of the split).
+    whole = {int(i): x["image"][j].tobytes() for x in batches
+             for j, i in enumerate(x["index"]) if x["valid"][j]}
+    assert sorted(whole) == list(range(40))
+    for h, host in enumerate(hosts):
+        seen = [int(i) for x in host for i in x["index"][x["valid"]]]
+        assert seen == list(range(20 * h, 20 * h + 20))
+        for x in host:
+            for j in np.flatnonzero(x["valid"]):
+                assert x["image"][j].tobytes() == whole[int(x["index"][j])]

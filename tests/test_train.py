@@ -51,6 +51,28 @@ def test_checkpoint_of_another_model_is_refused(tiny_config, tmp_path):
         train.train_and_evaluate(other, workdir)
 
 
+def test_resume_with_changed_run_settings_is_refused_unless_allowed(tiny_config, tmp_path,
+                                                                   checkpoint_steps):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+    changed = tiny_config(num_train_steps=4, learning_rate=3e-2)
+    with pytest.raises(checkpoints.CheckpointMismatchError) as e:
+        train.train_and_evaluate(changed, workdir)
+    message = str(e.value)
+    assert "trained for a different run" in message
+    assert "learning_rate: checkpoint has 0.01, config asks for 0.03" in message
+    assert "total_steps: checkpoint has 2, config asks for 4" in message
+    assert "num_train_steps: checkpoint has 2, config asks for 4" in message
+    assert "--config.resume_allow_changes=" in message
+    assert checkpoint_steps(workdir) == [2]  # nothing written
+    with pytest.raises(ValueError, match=r"resume_allow_changes: unknown fields \['lr'\]"):
+        train.train_and_evaluate(tiny_config(resume_allow_changes=("lr",)), workdir)
+    allowed = tiny_config(num_train_steps=4, learning_rate=3e-2, resume_allow_changes=(
+        "learning_rate", "total_steps", "num_train_steps"))
+    state = train.train_and_evaluate(allowed, workdir)  # a deliberate change: resumes
+    assert int(state.step) == 4 and checkpoint_steps(workdir) == [2, 4]
+
+
 def test_missing_backbone_weights_say_how_to_get_them(tiny_config, tmp_path):
     config = tiny_config(**{"model.backbone_weights": str(tmp_path / "nope.pth")})
     with pytest.raises(FileNotFoundError, match=r"(?s)nope\.pth.*section 'Backbone weights'"):

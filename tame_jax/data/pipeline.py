@@ -313,8 +313,9 @@ def eval_iterator(
 ) -> DataIterator:
     """Returns an iterator over every example of the split once, padded to full batches.
 
-    'valid' is False on padding (and on skipped broken images); every host yields the same
-    number of batches, max over hosts of ceil(host examples / local batch).
+    'valid' is False on padding (and on skipped broken images); 'index' is each example's index
+    in the split (-1 on padding), the same whatever the number of hosts. Every host yields the
+    same number of batches, max over hosts of ceil(host examples / local batch).
     """
     pi, pc = _process(process_index, process_count)
     lb = _local_batch(global_batch_size, pc)
@@ -336,12 +337,16 @@ def eval_iterator(
             if k in rows:
                 out[k][: len(rows[k])] = rows[k]
         out["valid"] = np.arange(lb) < len(rows.get("pos", ()))
+        out["index"] = np.full(lb, -1, np.int64)
+        out["index"][: len(rows.get("index", ()))] = rows.get("index", ())
         return out
 
     def batches() -> Iterator[Batch]:
         emitted = 0
         for b, rows in _blocks(ds.as_numpy_iterator(), lb, 0, n):
             bad.check(rows, b * lb, min((b + 1) * lb, n), None)
+            if "pos" in rows:
+                rows["index"] = source.split_index(pi, pc, rows["pos"])
             if len(rows.get("pos", ())) == lb:
                 rows.pop("pos")
                 rows["valid"] = np.ones(lb, bool)

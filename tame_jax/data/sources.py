@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -122,6 +123,11 @@ class _FileSource:
             }
         )
 
+    def split_index(self, pi: int, pc: int, pos: np.ndarray) -> np.ndarray:
+        """Returns the indices in the split of host pi's examples at positions pos (in file
+        order): host pi holds every pc-th file from pi."""
+        return self._order(pi, pc, None)[np.asarray(pos, np.int64)]
+
     def describe(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
         """Returns the file at epoch position pos."""
         return os.fsdecode(self.paths[self._order(pi, pc, order_seed)[pos]])
@@ -137,34 +143,62 @@ class _FileSource:
 
 
 class _TfdsSource:
-    """A tfds data set (imagenet2012 or synthetic_shapes)."""
+    """A tfds data set (imagenet2012 or synthetic_shapes).
+
+    Prepared as ArrayRecord (the default for data sets prepared by this package), it is read
+    by index: each epoch visits this host's examples in a seeded permutation, and reading
+    epoch positions [start, end) reads exactly those records, so a resume starts where it
+    stopped without reading what came before. Prepared as TFRecord (by older versions or
+    other tools), it is read as a stream (shuffled files and a shuffle buffer) and a resume
+    reads and discards the positions before `start`.
+    """
+
+    _RECORDS_PER_READ = 64  # records fetched per random-access read
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, shuffle_buffer: int):
         self.builder = builder
         self.split = split
         self.shuffle_buffer = shuffle_buffer
         self.extras = "object_mask" in builder.info.features
+        self.random_access = builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+        if not self.random_access:
+            log.warning("%s in %s is stored as %s: resuming mid-epoch reads the epoch from its "
+                        "start. Prepare it again (delete that folder) to get ArrayRecord files, "
+                        "which are read by position.", builder.name, builder.data_dir,
+                        builder.info.file_format)
         self._counts: dict[str, int] = {}
+        self._sources: dict[str, object] = {}
 
     def _host_split(self, pi: int, pc: int) -> str:
         """Returns the tfds split string of host pi's disjoint shard."""
         return tfds.split_for_jax_process(self.split, process_index=pi, process_count=pc)
 
-    def _read(self, split: str, order_seed: tuple | None):
-        """Returns the undecoded examples of a split, shuffled from order_seed if given."""
+    def _decoders(self) -> dict:
         decoders = {"image": tfds.decode.SkipDecoding()}
         if self.extras:
             decoders["object_mask"] = tfds.decode.SkipDecoding()
+        return decoders
+
+    def _read(self, split: str, order_seed: tuple | None):
+        """Returns the undecoded examples of a split as a stream (TFRecord files)."""
         seed = None if order_seed is None else _int_seed(order_seed)
         ds = self.builder.as_dataset(
             split=split,
             shuffle_files=seed is not None,
-            decoders=decoders,
+            decoders=self._decoders(),
             read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
         )
         if seed is not None:
             ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
         return ds
+
+    def records(self, pi: int, pc: int):
+        """Returns host pi's shard as a random-access sequence of serialized examples."""
+        split = self._host_split(pi, pc)
+        if split not in self._sources:
+            self._sources[split] = self.builder.as_data_source(
+                split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        return self._sources[split]
 
     def num_examples(self, pi: int, pc: int) -> int:
         """Returns the number of examples in host pi's shard."""
@@ -177,9 +211,42 @@ class _TfdsSource:
                 self._counts[split] = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
         return self._counts[split]
 
+    def _order(self, pi: int, pc: int, order_seed: tuple | None) -> np.ndarray:
+        """Returns the record indices of host pi's shard in epoch order (random access)."""
+        n = self.num_examples(pi, pc)
+        if order_seed is None:
+            return np.arange(n)
+        return np.random.default_rng(order_seed).permutation(n)
+
+    def split_index(self, pi: int, pc: int, pos: np.ndarray) -> np.ndarray:
+        """Returns the indices in the split of host pi's examples at positions pos (in record
+        order): the hosts hold consecutive blocks (`tfds.split_for_jax_process`)."""
+        return sum(self.num_examples(i, pc) for i in range(pi)) + np.asarray(pos, np.int64)
+
+    def _indexed(self, pi: int, pc: int, order_seed: tuple | None, start: int, end: int):
+        """Returns the examples at epoch positions [start, end), read by index: (raw, pos)."""
+        records = self.records(pi, pc)
+        idx = self._order(pi, pc, order_seed)[start:end]
+        step = self._RECORDS_PER_READ
+
+        def read():
+            for c in range(0, len(idx), step):
+                chunk = [int(i) for i in idx[c:c + step]]
+                for j, raw in enumerate(records.__getitems__(chunk)):
+                    yield raw, start + c + j
+
+        ds = tf.data.Dataset.from_generator(read, output_signature=(
+            tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int64)))
+        features, decoders = self.builder.info.features, self._decoders()
+        return ds.map(lambda raw, pos: (pos, features.deserialize_example(raw, decoders=decoders)))
+
     def dataset(self, pi: int, pc: int, order_seed: tuple | None, start: int, end: int):
         """Returns the elements at epoch positions [start, end): {raw, label, pos, ...}."""
-        ds = self._read(self._host_split(pi, pc), order_seed).take(end).enumerate().skip(start)
+        if self.random_access:
+            ds = self._indexed(pi, pc, order_seed, start, end)
+        else:
+            ds = self._read(self._host_split(pi, pc), order_seed).take(end).enumerate()
+            ds = ds.skip(start)
 
         def select(pos, ex):
             out = {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32), "pos": pos}
@@ -192,8 +259,11 @@ class _TfdsSource:
 
     def describe(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
         """Returns a description of the example at epoch position pos."""
-        order = "in file order" if order_seed is None else f"in the order of seed {order_seed}"
         split = self._host_split(pi, pc)
+        if self.random_access:
+            index = int(self._order(pi, pc, order_seed)[pos])
+            return f"{self.builder.name} example {index} of '{split}' (epoch position {pos})"
+        order = "in file order" if order_seed is None else f"in the order of seed {order_seed}"
         return f"{self.builder.name} example at position {pos} of '{split}' ({order})"
 
     def diagnose(self, pi: int, pc: int, order_seed: tuple | None, pos: int) -> str:
@@ -206,6 +276,30 @@ def _int_seed(order_seed: tuple) -> int:
     return int(np.random.SeedSequence(list(order_seed)).generate_state(1)[0] >> 1)
 
 
+def prepared(make: Callable[..., tfds.core.DatasetBuilder],
+             prepare: Callable[[tfds.core.DatasetBuilder], None]) -> tfds.core.DatasetBuilder:
+    """Returns make()'s builder with its data prepared, once for all processes of a job.
+
+    Data is prepared as ArrayRecord files (`make(file_format="array_record")`), which are read
+    by position; data found already prepared keeps its format. With several processes (a
+    shared data_dir), process 0 prepares while the others wait at a barrier, then every
+    process opens the prepared data: they never write the same files.
+    """
+    import jax
+
+    builder = make()
+    if builder.info.splits:
+        if jax.process_count() == 1:
+            return builder
+    elif jax.process_index() == 0:
+        prepare(make(file_format="array_record"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"tame_jax: {builder.name} prepared")
+    return make()
+
+
 def tfds_builder(config) -> tfds.core.DatasetBuilder:
     """Returns the (prepared) tfds builder of config.data.source."""
     data_dir = config.data.get("data_dir") or None
@@ -213,20 +307,23 @@ def tfds_builder(config) -> tfds.core.DatasetBuilder:
         name = config.data.get("synthetic_config", "default")
         if not data_dir:
             raise ValueError("synthetic_shapes needs config.data.data_dir (where it is built).")
-        builder = synthetic_shapes.synthetic_builder(data_dir, name)
-        if not builder.info.splits:
+
+        def build(builder: tfds.core.DatasetBuilder) -> None:
             log.info("Building synthetic_shapes/%s under %s (once).", name, data_dir)
             builder.download_and_prepare()
-        return builder
-    builder = tfds.builder(config.data.source, data_dir=data_dir)
-    if not builder.info.splits:
-        manual_dir = config.data.get("manual_dir") or None
+
+        return prepared(lambda **kw: synthetic_shapes.synthetic_builder(data_dir, name, **kw),
+                        build)
+    manual_dir = config.data.get("manual_dir") or None
+
+    def prepare(builder: tfds.core.DatasetBuilder) -> None:
         log.info("Preparing %s from manual_dir=%s (hours for ImageNet; once).", builder.name,
                  manual_dir)  # fmt: skip
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-        )
-    return builder
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+    return prepared(lambda **kw: tfds.builder(config.data.source, data_dir=data_dir, **kw),
+                    prepare)
 
 
 def make_source(config, split: str):

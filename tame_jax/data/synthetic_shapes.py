@@ -244,19 +244,18 @@ def _encoded_example(seed: int, split_id: int, index: int) -> dict:
     }
 
 
-def synthetic_builder(data_dir: str, config_name: str = "default") -> SyntheticShapes:
+def synthetic_builder(data_dir: str, config_name: str = "default",
+                      file_format: str | None = None) -> SyntheticShapes:
     """Returns the synthetic_shapes builder for config_name ("default", "tiny", "-seedN")."""
     known = {c.name for c in SyntheticShapes.BUILDER_CONFIGS}
     config = config_name if config_name in known else make_config(config_name)
-    return SyntheticShapes(config=config, data_dir=data_dir)
+    return SyntheticShapes(config=config, data_dir=data_dir, file_format=file_format)
 
 
 def prepare_synthetic_shapes(data_dir: str, *, seed: int = 0, config_name: str = "default") -> None:
     """Builds the demo data set under data_dir once (a no-op when it is already there)."""
+    from tame_jax.data.sources import prepared
+
     name = config_name if seed == 0 else f"{config_name}-seed{seed}"
-    builder = synthetic_builder(data_dir, name)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-        )
-    )
+    prepared(lambda **kw: synthetic_builder(data_dir, name, **kw),
+             lambda b: b.download_and_prepare())

@@ -199,12 +199,13 @@ def road_orders(
     noise_std: float = 0.01,
     num_iters: int = 100,
     selection: str = "percentile",
+    index: jax.Array | None = None,
 ) -> jax.Array:
     """Returns (len(orders), B, len(fractions)) bool: `road` for each order in one pass
     (`road_levels` of every (order, fraction), orders outermost)."""
     kept = road_levels(classify, x, maps, classes, key,
                        [(order, fr) for order in orders for fr in fractions], noise_std,
-                       num_iters, selection)  # (B, O*F)
+                       num_iters, selection, index)  # (B, O*F)
     return jnp.moveaxis(kept.reshape(-1, len(orders), len(fractions)), 0, 1)
 
 
@@ -218,13 +219,15 @@ def road_levels(
     noise_std: float = 0.01,
     num_iters: int = 100,
     selection: str = "percentile",
+    index: jax.Array | None = None,
 ) -> jax.Array:
     """Returns (B, len(levels)) bool: is the top-1 class kept at each (order, fraction) level?
 
     The levels run one after another in a `lax.map`: one copy of the solver and the classifier
     in the compiled program (compiling is slower than solving on a CPU), the memory of one
     level at a time, and each level stops iterating as soon as it has converged. Level i uses
-    noise key fold_in(key, i).
+    noise key fold_in(key, i); index (B,): each image's noise from its own index as well
+    (`road_impute`), the same on any split of the batch over devices.
     """
     for order, _ in levels:
         if order not in ("morf", "lerf"):
@@ -235,7 +238,7 @@ def road_levels(
     def level(args: tuple[jax.Array, jax.Array]) -> jax.Array:
         i, removed_i = args
         imputed = road_impute(x, removed_i, jax.random.fold_in(key, i), noise_std=noise_std,
-                              num_iters=num_iters)
+                              num_iters=num_iters, index=index)
         return jnp.argmax(classify(imputed), axis=-1) == classes  # (B,)
 
     kept = jax.lax.map(level, (jnp.arange(removed.shape[0]), removed))  # (L, B)

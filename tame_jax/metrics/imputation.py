@@ -137,6 +137,7 @@ def road_impute(
     refinements: int = 3,
     tol: float = 1e-3,
     accuracy: float = 1e-5,
+    index: jax.Array | None = None,
 ) -> jax.Array:
     """Returns x (B, H, W, C) with the `removed` (B, H, W) pixels filled by noisy linear imputation.
 
@@ -158,6 +159,8 @@ def road_impute(
     and matches a float64 direct solve to 1e-4.
     Gaussian noise of std `noise_std` is then added to the imputed pixels only (no clipping, as
     in ROAD). If nothing is kept in an image, its removed pixels become 0 (+ noise).
+    index (B,) int: image b's noise is drawn from fold_in(key, index[b]) (its global index), so
+    it does not depend on how the batch is split over devices; None: one draw for the batch.
     """
     if x.ndim != 4 or removed.shape != x.shape[:3]:
         raise ValueError(f"x must be (B, H, W, C) and removed (B, H, W); got {x.shape}, "
@@ -216,5 +219,10 @@ def road_impute(
                              lambda _, full: full + u * solve(residual(full), floor), full)
     # An image with no kept pixel has a singular system: fill it with zeros.
     full = jnp.where(n_known > 0, full, known * xf)
-    noise = noise_std * jax.random.normal(key, xf.shape, jnp.float32)
+    if index is None:
+        noise = jax.random.normal(key, xf.shape, jnp.float32)
+    else:
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), xf.shape[1:],
+                                                     jnp.float32))(index)
+    noise = noise_std * noise
     return (full + u * noise).astype(x.dtype)

@@ -170,8 +170,8 @@ def run(out: str, methods: Sequence[str] = BASELINES, backbone: str = "efficient
 
     tops = top_k(model, images, 1)
     titles = [f"{class_names[t[0][0]]} ({t[0][1]:.2f})" for t in tops]
+    classes = evaluation.predict_fn()(model, images)
     if grid:  # computes every method's maps again (evaluation.run keeps none)
-        classes = evaluation.predict(model, images)
         maps = {m: np.asarray(evaluation.map_fn(m, config)(model, None, images, classes,
                                                              jax.random.key(config.seed)))
                 for m in methods}
@@ -180,7 +180,7 @@ def run(out: str, methods: Sequence[str] = BASELINES, backbone: str = "efficient
         i = names.index("chelsea")
         config.eval.cam_layer = ""
         heat = evaluation.map_fn("gradcam", config)(model, None, images[i:i + 1],
-                                                    evaluation.predict(model, images[i:i + 1]),
+                                                    classes[i:i + 1],
                                                     jax.random.key(0))[0]
         layer = backbones.get_spec(backbone).cam_layer
         viz.write_overlay(os.path.join(out, "gradcam_chelsea.png"), images[i],
