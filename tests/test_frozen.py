@@ -1,6 +1,8 @@
 """The frozen backbone's fast path (BatchNorm folded, prepared input-gradient kernels) computes
 the same maps, logits and input gradients as the plain forward, for every backbone family."""
 
+import zlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,11 +48,13 @@ def test_frozen_conv_vjp_equals_autodiff(strides, padding, dilation, groups, k):
 
 
 def random_batchnorm(variables, key):
-    """Returns variables with random BN statistics and affine params (so the fold matters)."""
+    """Returns variables with random BN statistics and affine params (so the fold matters),
+    the same in every process."""
 
     def draw(path, leaf):
         name = str(getattr(path[-1], "key", path[-1]))
-        k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % 2**31)
+        # crc32, not hash(): str hashes change per process (PYTHONHASHSEED)
+        k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()) % 2**31)
         if name == "var":
             return jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
         if name in ("mean", "bias"):

@@ -13,25 +13,9 @@ from tame_jax.config import default_config
 from tame_jax.model import Model, build_model
 from tame_jax.sharding import make_mesh, shard_batch
 from tame_jax.train_step import init_state, make_train_step
+from tests.test_frozen import random_batchnorm
 
 LR, MOMENTUM, SIZE, BATCH, K = 0.05, 0.9, 64, 4, 10
-
-
-def randomise_batchnorm(variables, key):
-    """Returns backbone variables whose BatchNorm statistics and affine params are random."""
-
-    def draw(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        k = jax.random.fold_in(key, hash(jax.tree_util.keystr(path)) % 2**31)
-        if name == "var":
-            return jax.random.uniform(k, leaf.shape, minval=0.5, maxval=2.0)
-        if name == "mean" or (name == "bias" and leaf.ndim == 1):
-            return 0.1 * jax.random.normal(k, leaf.shape)
-        if name == "scale":
-            return jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(draw, variables)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +26,7 @@ def pair():
     c.model.backbone, c.model.num_classes, c.model.backbone_weights = "resnet18", K, "random"
     c.data.image_size = SIZE
     model = build_model(c)
-    model = model.replace(backbone_vars=randomise_batchnorm(model.backbone_vars,
+    model = model.replace(backbone_vars=random_batchnorm(model.backbone_vars,
                                                             jax.random.key(5)))
     attention_vars = model.init_attention(jax.random.key(1))
     backbone_state = weights.flax_to_torchvision(model.backbone_vars)
@@ -72,7 +56,7 @@ def test_same_loss_and_update_as_our_step(pair, selective):
     ref_terms = ref.train_step(ref.images(x))
     for name in ("loss", "ce", "area", "variation"):
         np.testing.assert_allclose(float(terms[name]), ref_terms[name], rtol=2e-5, err_msg=name)
-    # The SGD update of every attention parameter (torch layout), to float precision.
+    # The SGD update of every attention parameter (torch layout), to float32 noise.
     ours = weights.tame_state_dict_from_variables({"params": jax.device_get(state.params)})
     ours0 = weights.tame_state_dict_from_variables({"params": before})
     theirs = ref.attention_state()
@@ -82,7 +66,13 @@ def test_same_loss_and_update_as_our_step(pair, selective):
     for key, (d_ours, d_theirs) in deltas.items():
         # The branch convs' biases get only rounding noise (train-mode BN removes them).
         scale = max(np.abs(d_theirs).max(), 1e-4 * overall)
-        np.testing.assert_allclose(d_ours, d_theirs, rtol=0, atol=1e-3 * scale, err_msg=key)
+        # 1 % of the tensor's largest update: the gradients reach the branch convs through
+        # train-mode BatchNorm, whose backward subtracts means (cancellation: float32 noise of
+        # the two libraries shows at ~0.3 % there). An update is also a difference of two float32
+        # parameters, known to a few ulps of the parameter (BN weights ~1: ~1e-7 each).
+        ulps = 16 * np.finfo(np.float32).eps * np.abs(ours0[key]).max()
+        np.testing.assert_allclose(d_ours, d_theirs, rtol=0, atol=1e-2 * scale + ulps,
+                                   err_msg=key)
     assert np.abs(deltas["fuser.weight"][1]).max() > 1e-3 * LR  # the step did update
 
 
