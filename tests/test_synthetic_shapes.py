@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import ml_collections
 import numpy as np
 import pytest
 
-from tame_jax import data
+from tame_jax import data, shapes
 from tame_jax.data import synthetic_shapes as ss
 
 
@@ -123,9 +124,34 @@ def test_tiny_builder_and_pipeline(tmp_path):
     whole = {int(i): x["image"][j].tobytes() for x in batches
              for j, i in enumerate(x["index"]) if x["valid"][j]}
     assert sorted(whole) == list(range(40))
+    # tame_jax.shapes draws the stored test split again, without tfds (the trainer scores
+    # --fresh_images runs on it).
+    # (tfds stores examples in its own order: compare as sets of (image, label).)
+    drawn = next(shapes.test_batches(40, num=40))
+    assert drawn["label"].tolist() == [i % 10 for i in range(40)]
+    as_pairs = lambda xs, ys: {(x.tobytes(), int(y)) for x, y in zip(xs, ys, strict=True)}
+    stored = set().union(*(as_pairs(x["image"][x["valid"]], x["label"][x["valid"]])
+                           for x in batches))
+    assert as_pairs(drawn["image"], drawn["label"]) == stored
     for h, host in enumerate(hosts):
         seen = [int(i) for x in host for i in x["index"][x["valid"]]]
         assert seen == list(range(20 * h, 20 * h + 20))
         for x in host:
             for j in np.flatnonzero(x["valid"]):
                 assert x["image"][j].tobytes() == whole[int(x["index"][j])]
+
+
+def test_fresh_training_stream_is_seeded_and_never_a_stored_image():
+    first = list(itertools.islice(shapes.rendered_batches(5, seed=0, workers=0), 2))
+    spawned = list(itertools.islice(shapes.rendered_batches(5, seed=0, workers=2), 2))
+    for a, b in zip(first, spawned, strict=True):  # worker processes draw the same batches
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert first[1]["label"].tolist() == [5, 6, 7, 8, 9]  # example k * 5 + j, label = index % 10
+    assert first[0]["image"].dtype == np.float32 and first[0]["image"].max() <= 1.0
+    other_seed = next(shapes.rendered_batches(5, seed=1, workers=0))
+    assert not np.array_equal(other_seed["image"], first[0]["image"])
+    stored = {ss.draw(0, split, i)[0].tobytes() for split in (shapes.TRAIN_SPLIT, shapes.TEST_SPLIT)
+              for i in range(10)}  # fmt: skip
+    fresh = {np.rint(x * 255).astype(np.uint8).tobytes() for b in first for x in b["image"]}
+    assert len(fresh) == 10 and not fresh & stored

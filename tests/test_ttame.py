@@ -3,6 +3,7 @@ and the shipped ViT-B/16 config."""
 
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -78,3 +79,21 @@ def test_demo_vit_config_is_the_demo_on_a_vit():
     assert c.model.backbone_weights.endswith("demo_vit_mini_16.safetensors")
     assert (c.data.image_size, c.eval.num_examples) == (demo.data.image_size,
                                                         demo.eval.num_examples)
+
+
+def test_shipped_demo_vit_classifies_the_test_split_as_recorded():
+    """Trained on a GPU (its JSON names it), re-scored here on the 1000 stored test images."""
+    from tame_jax import shapes
+    from tame_jax.model import build_model
+
+    c = runpy.run_path(str(CONFIGS / "demo_vit.py"))["get_config"]()
+    record = json.loads(Path(c.model.backbone_weights).with_suffix(".json").read_text())
+    assert record["backbone"] == c.model.backbone and record["test_images"] == 1000
+    assert record["command"].startswith("python -m tame_jax.tools.train_backbone")
+    model = build_model(c)
+    classify = jax.jit(lambda m, x: jnp.argmax(m.classify(x), -1))
+    correct = sum(int((np.asarray(classify(model, b["image"])) == b["label"]).sum())
+                  for b in shapes.test_batches(200))
+    # Other hardware may flip a prediction or two on the decision boundary, no more.
+    assert abs(correct / 1000 - record["test_accuracy"]) <= 0.005
+    assert record["test_accuracy"] >= 0.85
