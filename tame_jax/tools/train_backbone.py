@@ -170,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="processes drawing images with --fresh_images (0: in this process)")
     args = p.parse_args(argv)
+    if args.fresh_images and args.synthetic_config != "default":
+        p.error("--fresh_images scores the 'default' test split: drop --synthetic_config.")
     acc = train(args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size,
                 lr=args.lr, seed=args.seed, synthetic_config=args.synthetic_config,
                 backbone=args.backbone, width=args.width, weight_decay=args.weight_decay,
