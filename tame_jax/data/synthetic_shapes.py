@@ -1,15 +1,8 @@
-"""`synthetic_shapes`: a small, locally generated demo data set for TAME.
+"""`synthetic_shapes`: a small, locally generated demo data set for TAME, as a tfds builder.
 
-Each 128x128 RGB image holds one object whose *shape* is the class (10 classes), drawn at a
-random position, scale (24-56 px), rotation (+-20 degrees) and colour on a cluttered background
-(smooth colour noise and a gradient) with distractors that carry no class information
-(thin lines, small dots, small irregular blobs). The object is drawn last, so its mask is exactly
-the set of pixels it covers, and its box is the tight box of that mask. Colour is drawn
-independently of the class, so only the shape tells the classes apart: a classifier has to look
-at the object, which makes the data set a quick check that explanation maps land on it.
-
-Generation is deterministic: example `i` of a split comes from `np.random.default_rng((seed,
-split_id, i))`, and its label is `i % 10`.
+What an image holds and how it is drawn: `tame_jax/shapes.py` (no TensorFlow there). This
+module stores the drawings as tfds splits ("default": 10,000 train / 1,000 test; "tiny": 64 /
+40; "-seedN" variants): example `i` of a split is `shapes.draw(seed, split_id, i)`.
 """
 
 from __future__ import annotations
