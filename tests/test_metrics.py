@@ -195,6 +195,28 @@ def test_road_impute_smooth_image_large_holes_matches_direct_solve():
         np.testing.assert_allclose(out[b], _spsolve_impute(x[b], removed[b]), atol=1e-4, rtol=0)
 
 
+def _largest_fusion_operand_count(compiled_text: str) -> int:
+    heads = [line for line in compiled_text.splitlines() if line.startswith("%fused_computation")]
+    return max(head.count("param_") for head in heads)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU fusion property")
+def test_road_v_cycle_keeps_each_level_in_its_own_fusions_on_cpu():
+    # Without the fusion boundaries XLA's CPU fusion inlines the coarse levels into the finest
+    # level's stencil (every level's couplings become operands of one fusion, recomputed per
+    # tap: 12x slower at 224 px). With them a fusion reads one level: its 8 couplings and a few
+    # vectors, whatever the image size.
+    from tame_jax.metrics import imputation
+
+    h = w = 64  # 7 levels: 64 ... 1
+    unknown = jnp.asarray(np.random.default_rng(0).random((2, h, w, 1)) < 0.5, jnp.float32)
+    s = imputation._neighbour_sum(jnp.ones((1, h, w, 1)))
+    levels = imputation._multigrid(unknown, s)
+    r = jnp.ones((2, h, w, 3)) * unknown
+    text = jax.jit(lambda r, levels: imputation._v_cycle(levels, r)).lower(r, levels).compile()
+    assert _largest_fusion_operand_count(text.as_text()) < 24
+
+
 def test_road_impute_noise_only_on_imputed_pixels():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.random((2, 32, 32, 3)).astype(np.float32))
