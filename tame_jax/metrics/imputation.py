@@ -133,9 +133,8 @@ def _v_cycle(levels: list[_Level], r: jax.Array, i: int = 0) -> jax.Array:
     if i == len(levels) - 1:  # 1x1: exact
         return active * r / diag
     x = _SMOOTHING_WEIGHT * r / diag
-    coarse = _v_cycle(levels, _materialize(_block_sum(active * (r - _apply_level(levels[i], x)))),
-                      i + 1)
-    coarse = _materialize(coarse)
+    r_coarse = _materialize(_block_sum(active * (r - _apply_level(levels[i], x))))
+    coarse = _materialize(_v_cycle(levels, r_coarse, i + 1))
     x = _materialize(x + _COARSE_OVERCORRECTION * active * _upsample2(coarse, *r.shape[1:3]))
     x = x + _SMOOTHING_WEIGHT * (r - _apply_level(levels[i], x)) / diag
     return active * x
