@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from tame_jax import host_memory as _host_memory
+
+_host_memory.relaunch_if_cpu_entry_point()  # `python -m tame_jax.X` on a CPU: see host_memory
+
 __version__ = "0.1.0"
 
 _LAZY = {"Explainer": "tame_jax.explain", "Explanation": "tame_jax.explain",

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tame_jax import host_memory
+
 WARMUP = 2  # untimed calls after compilation
 
 
@@ -154,7 +156,8 @@ def conv_probe(peak: PeakMatmul, batch: int, steps: int = 5, spatial: int = 14,
 
 
 def machine_info() -> dict[str, Any]:
-    """Returns a description of the machine: platform, devices, CPU count, load, XLA flags."""
+    """Returns a description of the machine: platform, devices, CPU count, load, XLA flags,
+    the host allocator's settings."""
     device = jax.devices()[0]
     info = {
         "jax": jax.__version__,
@@ -164,6 +167,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "host_malloc": host_memory.describe(),
     }
     if hasattr(os, "getloadavg"):
         info["load_average"] = list(os.getloadavg())
