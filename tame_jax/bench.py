@@ -221,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3, help="--vs-torch/--eval: A B rounds")
     parser.add_argument("--torch_channels_last", action="store_true",
                         help="--vs-torch: torch in channels_last memory format (NCHW default)")
+    parser.add_argument("--torch_process", default="own",
+                        choices=bench_compare.TORCH_PROCESSES,
+                        help="--vs-torch: torch in a process of its own with glibc's malloc "
+                        "defaults, as a plain PyTorch script runs (own), or in this one, with "
+                        "the allocator settings of tame_jax.host_memory (ours)")
     parser.add_argument("--eval", action="store_true", help="evaluation speed: every method "
                         "on the demo, and ROAD against pytorch-grad-cam's")
     parser.add_argument("--eval_methods", default="tame,gradcam,gradcampp,scorecam,"
@@ -242,12 +247,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.quick:
             bench = bench_compare.vs_torch(("resnet18",), batch=2, image_size=64, rounds=1,
                                            steps=1, num_classes=100,
-                                           channels_last=args.torch_channels_last)
+                                           channels_last=args.torch_channels_last,
+                                           torch_process=args.torch_process)
         else:
             bench = bench_compare.vs_torch(
                 [b for b in args.backbones.split(",") if b], batch=args.batch,
                 image_size=args.image_size, rounds=args.rounds, steps=args.steps,
-                channels_last=args.torch_channels_last)
+                channels_last=args.torch_channels_last, torch_process=args.torch_process)
         table = bench_compare.format_vs_torch(bench)
     elif args.eval and args.quick:
         bench = bench_compare.eval_speed(("tame", "gradcam"), num_images=1, rounds=1,

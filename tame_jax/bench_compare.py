@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tame_jax import optim, torch_tame, weights
+from tame_jax import host_memory, optim, torch_tame, weights
 from tame_jax.model import Model
 from tame_jax.sharding import make_mesh, replicate, shard_batch
 from tame_jax.timing import PeakMatmul, compiled_flops, machine_info
@@ -80,26 +80,121 @@ def torch_flops(fn: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
+TORCH_PROCESSES = ("own", "ours")  # --torch_process: a process of its own, or this one
+
+
+def _torch_jobs(spec: dict[str, Any]) -> tuple[dict, dict]:
+    """Returns ({job: call}, {job: FLOPs per call}) of the PyTorch TAME built from `spec`
+    (the backbone's and attention's state dicts, the images, ...; see `_TorchSide`)."""
+    torch, _ = torch_tame.import_torch()
+    torch.set_num_threads(spec["threads"])
+    ref = torch_tame.TorchTAME(
+        spec["backbone"], spec["layers"], num_classes=spec["num_classes"],
+        image_size=spec["image_size"], backbone_state=spec["backbone_state"],
+        attention_state=spec["attention_state"], channels_last=spec["channels_last"])
+    x_t = ref.images(spec["images"])
+    calls, flops = {}, {}
+    for fusion in ("full", "selective"):
+        def train(selective=fusion == "selective"):
+            ref.selective = selective
+            return ref.train_step(x_t)
+
+        def explain(selective=fusion == "selective"):
+            ref.selective = selective
+            return ref.explain(x_t)
+
+        calls[("train", fusion)], calls[("explain", fusion)] = train, explain
+    for job, fn in calls.items():
+        flops[job] = torch_flops(fn)
+        fn()  # warm-up: first calls allocate and page in
+    return calls, flops
+
+
+def _torch_worker(conn: Any, spec: dict[str, Any]) -> None:
+    """A PyTorch TAME in a process of its own: builds the jobs, sends (FLOPs, allocator),
+    then times `steps` calls of each job it is asked for, until None."""
+    calls, flops = _torch_jobs(spec)
+    conn.send((flops, host_memory.describe()))
+    while (request := conn.recv()) is not None:
+        job, steps = request
+        conn.send(_time(calls[job], steps))
+
+
+class _TorchSide:
+    """The PyTorch TAME's jobs, timed in this process (process='ours': the allocator and
+    thread pools of this one) or in a child process of its own (process='own': started with
+    glibc's malloc defaults, as a plain PyTorch script runs; `tame_jax.host_memory`).
+
+    While the child runs a job, this process waits on the pipe: A B alternation holds."""
+
+    def __init__(self, spec: dict[str, Any], process: str):
+        if process not in TORCH_PROCESSES:
+            raise ValueError(f"torch process {process!r}: one of {TORCH_PROCESSES}")
+        self.process, self._conn, self._child = process, None, None
+        if process == "ours":
+            self._calls, self.flops = _torch_jobs(spec)
+            self.malloc = host_memory.describe()
+            return
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter, no JAX state
+        self._conn, child_conn = context.Pipe()
+        saved = dict(os.environ)
+        try:  # the child starts with glibc's defaults, whatever this process runs with
+            for k in host_memory.GLIBC_SETTINGS:
+                os.environ.pop(k, None)
+            os.environ[host_memory.ENV] = "system"
+            self._child = context.Process(target=_torch_worker, args=(child_conn, spec),
+                                          daemon=True)
+            self._child.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        child_conn.close()
+        self.flops, self.malloc = self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            return self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the PyTorch TAME's process exited (code "
+                               f"{self._child.exitcode}); its error is printed above") from None
+
+    def time(self, job: tuple[str, str], steps: int) -> float:
+        """Returns the median seconds of `steps` calls of the job."""
+        if self._conn is None:
+            return _time(self._calls[job], steps)
+        self._conn.send((job, steps))
+        return self._receive()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.send(None)
+            self._child.join(timeout=60)
+            self._conn.close()
+
+
 def _jobs(backbone: str, x_np: np.ndarray, num_classes: int, channels_last: bool,
-          mesh: Any) -> tuple[dict, dict, dict]:
-    """Returns ({job: our call}, {job: torch call}, {job: (our FLOPs, torch FLOPs)}) for the
-    jobs (train | explain, full | selective) of one backbone, same weights on both sides."""
+          mesh: Any, torch_process: str) -> tuple[dict, _TorchSide, dict]:
+    """Returns ({job: our call}, the torch side, {job: our FLOPs}) for the jobs (train |
+    explain, full | selective) of one backbone, same weights and images on both sides."""
     from tame_jax.bench import bench_model
 
     batch, image_size = x_np.shape[:2]
     model = bench_model(backbone, "float32", image_size, None, num_classes)
     attention_vars = jax.jit(Model.init_attention)(model, jax.random.key(1))
-    ref = torch_tame.TorchTAME(
-        backbone, model.layers, num_classes=num_classes, image_size=image_size,
-        backbone_state=weights.flax_to_torchvision(jax.device_get(model.backbone_vars)),
-        attention_state=weights.tame_state_dict_from_variables(jax.device_get(attention_vars)),
-        channels_last=channels_last)
+    theirs = _TorchSide({
+        "backbone": backbone, "layers": model.layers, "num_classes": num_classes,
+        "image_size": image_size, "channels_last": channels_last, "images": x_np,
+        "threads": torch_tame.jax_cpu_threads(),
+        "backbone_state": weights.flax_to_torchvision(jax.device_get(model.backbone_vars)),
+        "attention_state": weights.tame_state_dict_from_variables(
+            jax.device_get(attention_vars))}, torch_process)
     model = replicate(model, mesh)
     x = shard_batch({"image": x_np}, mesh)["image"]
-    x_t = ref.images(x_np)
     tx = optim.make_optimizer(1e-4, total_steps=1000)
     key = jax.random.key(2)
-    ours, theirs, flops = {}, {}, {}
+    ours, flops = {}, {}
     for fusion in ("full", "selective"):
         selective = fusion == "selective"
         step = make_train_step(mesh, tx, selective_fusion=selective)
@@ -114,29 +209,22 @@ def _jobs(backbone: str, x_np: np.ndarray, num_classes: int, channels_last: bool
             box[0], metrics = train(box[0], model, x, key)
             return metrics
 
-        def torch_train(selective=selective):
-            ref.selective = selective
-            return ref.train_step(x_t)
-
-        def torch_explain(selective=selective):
-            ref.selective = selective
-            return ref.explain(x_t)
-
         ours[("train", fusion)] = train_call
         ours[("explain", fusion)] = lambda e=explain: e(model, attention_vars, x)
-        theirs[("train", fusion)], theirs[("explain", fusion)] = torch_train, torch_explain
-        flops[("train", fusion)] = (compiled_flops(train), torch_flops(torch_train))
-        flops[("explain", fusion)] = (compiled_flops(explain), torch_flops(torch_explain))
+        flops[("train", fusion)] = compiled_flops(train)
+        flops[("explain", fusion)] = compiled_flops(explain)
     return ours, theirs, flops
 
 
 def vs_torch(backbones: Sequence[str] = ("resnet50", "vgg16"), batch: int = 8,
              image_size: int = 224, rounds: int = 3, steps: int = 2, num_classes: int = 1000,
-             channels_last: bool = False) -> dict[str, Any]:
+             channels_last: bool = False, torch_process: str = "own") -> dict[str, Any]:
     """Returns our and the PyTorch TAME's timings, alternated over `rounds` rounds.
 
     Jobs: train / explain x full / selective fusion, on each side. In each round every job
     runs `steps` timed calls on our side, then on torch's (median each), then one peak matmul.
+    torch_process: 'own' (a child process with glibc's malloc defaults, as a plain PyTorch
+    script runs) or 'ours' (this process, with its allocator settings).
     """
     torch, _ = torch_tame.import_torch()
     device = jax.devices()[0]
@@ -144,30 +232,33 @@ def vs_torch(backbones: Sequence[str] = ("resnet50", "vgg16"), batch: int = 8,
         raise SystemExit("--vs-torch compares both on the CPU; run it where JAX uses the CPU "
                          "(JAX_PLATFORMS=cpu).")
     threads = torch_tame.jax_cpu_threads()
-    torch.set_num_threads(threads)
     mesh = make_mesh([device])
     peak = PeakMatmul.create(jnp.float32)
     out: dict[str, Any] = {"machine": machine_info(), "torch": torch.__version__,
                            "threads": threads, "batch": batch, "image_size": image_size,
                            "rounds": rounds, "steps": steps, "channels_last": channels_last,
-                           "results": []}
+                           "torch_process": torch_process, "results": []}
     x_np = natural_images(batch, image_size)
     for backbone in backbones:
-        ours, theirs, flops = _jobs(backbone, x_np, num_classes, channels_last, mesh)
-        for job in ours:  # warm-up: first calls allocate (torch) and page in (both)
-            for fn in (ours[job], theirs[job]):
-                jax.block_until_ready(fn())
-        times = {job: {"ours": [], "torch": []} for job in ours}
-        peaks = []
-        for _ in range(rounds):
-            for job in ours:
-                times[job]["ours"].append(_time(ours[job], steps))
-                times[job]["torch"].append(_time(theirs[job], steps))
-            peaks.append(_time(peak, 1))
+        ours, theirs, flops = _jobs(backbone, x_np, num_classes, channels_last, mesh,
+                                    torch_process)
+        out["torch_malloc"] = theirs.malloc
+        try:
+            for job in ours:  # warm-up: first calls allocate and page in (torch's: built)
+                jax.block_until_ready(ours[job]())
+            times = {job: {"ours": [], "torch": []} for job in ours}
+            peaks = []
+            for _ in range(rounds):
+                for job in ours:
+                    times[job]["ours"].append(_time(ours[job], steps))
+                    times[job]["torch"].append(theirs.time(job, steps))
+                peaks.append(_time(peak, 1))
+        finally:
+            theirs.close()
         peak_flops = peak.flops / statistics.median(peaks)
         row: dict[str, Any] = {"backbone": backbone, "peak_flops_per_s": peak_flops, "jobs": {}}
         for (task, fusion), t in times.items():
-            f_ours, f_torch = flops[(task, fusion)]
+            f_ours, f_torch = flops[(task, fusion)], theirs.flops[(task, fusion)]
             med_o, med_t = statistics.median(t["ours"]), statistics.median(t["torch"])
             row["jobs"][f"{task}_{fusion}"] = {
                 "ours_seconds": t["ours"], "torch_seconds": t["torch"],
@@ -195,6 +286,9 @@ def format_vs_torch(result: dict[str, Any]) -> str:
              f"{result['image_size']} px, float32; {result['rounds']} rounds A B A B of "
              f"{result['steps']} timed calls (median each); load average "
              f"{m.get('load_average')}",
+             f"host malloc: ours {m.get('host_malloc', '?')}; torch in "
+             f"{'a process of its own' if result.get('torch_process') == 'own' else 'ours'}, "
+             f"{result.get('torch_malloc', '?')}",
              "speed-up = torch time / our time per round: median (min–max); util = GFLOP/s "
              "over the float32 matmul peak timed in the same rounds (ours: XLA cost analysis, "
              "torch: FlopCounterMode).", "",

@@ -115,3 +115,24 @@ def test_road_comparison_removes_the_same_pixels_as_gradcam():
                                        "image_size": 32, "batch": 4, "metrics": [],
                                        "methods": {}}, "road": r})
     assert "classifier passes" in table and "ceiling" in table
+
+
+def test_torch_in_its_own_process_times_the_same_jobs_with_glibc_defaults():
+    """--torch_process=own: the PyTorch TAME runs in a child process started with glibc's
+    malloc defaults (a plain PyTorch script), whatever this process runs with; it counts the
+    same FLOPs as the in-process one and answers every job of every round."""
+    pytest.importorskip("torchvision")
+    from tame_jax import bench_compare, host_memory
+
+    kw = dict(batch=2, image_size=64, rounds=2, steps=1, num_classes=100)
+    own = bench_compare.vs_torch(("resnet18",), torch_process="own", **kw)
+    assert own["torch_malloc"].startswith("system default")
+    same = bench_compare.vs_torch(("resnet18",), torch_process="ours", **kw)
+    assert same["torch_malloc"] == host_memory.describe()  # this process's settings
+    jobs_own, jobs_same = own["results"][0]["jobs"], same["results"][0]["jobs"]
+    assert set(jobs_own) == {"train_full", "explain_full", "train_selective",
+                             "explain_selective"}
+    for name, j in jobs_own.items():
+        assert len(j["torch_seconds"]) == len(j["ours_seconds"]) == 2
+        assert all(t > 0 for t in j["torch_seconds"])
+        assert j["torch_gflops_per_image"] == jobs_same[name]["torch_gflops_per_image"] > 0
