@@ -3,8 +3,8 @@
 Why: XLA's CPU runtime allocates each call's temporaries as one block (620 MB for the
 ResNet-50 train step at batch 8). glibc's malloc serves any block over 32 MiB with a fresh
 `mmap` and unmaps it on `free`, so every step faults its temporaries in again, page by page,
-each page zeroed by the kernel: 187 k minor faults and 0.27-0.32 s of kernel time per 0.93 s
-step on 2 cores, the first pass over each buffer running at a third of its speed. (Eager
+each page zeroed by the kernel: 187-193 k minor faults and 0.27-0.32 s of kernel time per
+0.92-0.96 s step on 2 cores, the first pass over each buffer at a third of its speed. (Eager
 PyTorch allocates tensor by tensor: only its tensors over 32 MiB are hit, e.g. VGG-16's
 first activations.) With one malloc arena, no mmap for large blocks, no trimming, and
 transparent huge pages for the heap, the step faults nothing after its first call (README,
