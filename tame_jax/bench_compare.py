@@ -130,7 +130,7 @@ class _TorchSide:
     def __init__(self, spec: dict[str, Any], process: str):
         if process not in TORCH_PROCESSES:
             raise ValueError(f"torch process {process!r}: one of {TORCH_PROCESSES}")
-        self.process, self._conn, self._child = process, None, None
+        self._conn, self._child = None, None
         if process == "ours":
             self._calls, self.flops = _torch_jobs(spec)
             self.malloc = host_memory.describe()
